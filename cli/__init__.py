@@ -1,0 +1,1 @@
+"""The ``neurostore`` command line: a thin Typer layer over the library."""

@@ -1,0 +1,122 @@
+"""What every command shares: one-line errors, output formats, the console."""
+
+from __future__ import annotations
+
+import csv
+import enum
+import functools
+import json
+import sys
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neurostore.errors import NeurostoreError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class OutputFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FORMAT_OPTION = typer.Option(
+    OutputFormat.table, "--format", help="How to print results: rich tables, one JSON object, or CSV."
+)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit non-zero: the user's mistake, not a traceback."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn :class:`NeurostoreError` (and warnings about incomplete stores) into plain lines."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                result = func(*args, **kwargs)
+            except NeurostoreError as err:
+                _print_warnings(caught)
+                fail(str(err))
+            except KeyboardInterrupt:
+                fail("interrupted", code=130)
+        _print_warnings(caught)
+        return result
+
+    return wrapper
+
+
+def _print_warnings(caught: Iterable[warnings.WarningMessage]) -> None:
+    seen = set()
+    for w in caught:
+        text = str(w.message)
+        if text in seen or not issubclass(w.category, UserWarning):
+            continue
+        seen.add(text)
+        err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    console.print(table)
+
+
+def write_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(columns)
+    writer.writerows(rows)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def parse_int_list(value: str, option: str) -> list[int]:
+    """``"0,5,11"`` or ``"3-7"`` or mixtures; a clear error naming the option otherwise."""
+    out: list[int] = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            fail(f"{option} {value!r}: expected integers like 0,5,11 or 3-7")
+    return out

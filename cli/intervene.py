@@ -1,0 +1,7 @@
+"""`neurostore intervene`: (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """(being written)"""

@@ -1,0 +1,32 @@
+"""The ``neurostore`` application: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import extract as extract_cli
+from cli import intervene as intervene_cli
+from cli import plot as plot_cli
+from cli import query as query_cli
+
+app = typer.Typer(
+    name="neurostore",
+    help=(
+        "Neuron-level activation statistics for transformers over large multilingual corpora.\n\n"
+        "extract: stream activations of every layer and token into a Zarr store. "
+        "info: what a store holds. query: out-of-core statistics (variance, correlation, polyglot "
+        "neurons, LAPE, selectors). plot: figures from query results. intervene: ablate, set or "
+        "amplify neurons and measure the effect on a classifier."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+extract_cli.register(app)
+app.add_typer(query_cli.app, name="query")
+app.add_typer(plot_cli.app, name="plot")
+intervene_cli.register(app)
+
+
+if __name__ == "__main__":
+    app()

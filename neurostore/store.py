@@ -1,0 +1,547 @@
+"""The Zarr layout of an activation store: create, commit, resume, open, summarise, verify.
+
+This module is the contract between extraction and everything that reads a store; outside tools
+read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
+
+    attrs["neurostore"]             metadata (see ``new_meta``): model, sites, dtypes, options,
+                                    corpus fingerprint, committed counts, complete or not
+    docs/text        [n_docs] str   the sentence as read
+    docs/label       [n_docs] int32 category code, -1 = missing; attrs["categories"] = names
+    docs/lang        [n_docs] int32 likewise
+    docs/token_start [n_docs] int64 first row of the sentence in tokens/* and acts/*
+    docs/n_tokens    [n_docs] int32 real (unpadded, possibly truncated) tokens of the sentence
+    docs/truncated   [n_docs] bool  cut at --max-length
+    docs/logits      [n_docs, C] float32   sequence classifiers only
+    docs/pred        [n_docs] int32        argmax of logits; attrs["categories"] = id2label
+    tokens/token_id  [n_tokens] int32
+    tokens/doc       [n_tokens] int32 the sentence each token row belongs to
+    acts/{site}      [n_tokens, n_layers, width]   absent with --no-tokens
+    pooled/{site}/{first|mean|last} [n_docs, n_layers, width]
+
+Sentences are in corpus order; padding is never stored. Activation arrays are chunked
+``(rows, 1, width)`` (one layer per chunk, so reading a layer never reads another) and sharded
+``(shard_rows, n_layers, width)`` (one file holds every layer of a block of rows). ``bfloat16`` has
+no Zarr dtype: such arrays hold the raw bfloat16 bits as ``uint16`` and carry
+``attrs["neurostore_dtype"] = "bfloat16"``; :func:`decode` turns them into float32 losslessly.
+
+Writes go through :class:`ShardAppender` (whole shards, one writer) and become visible through
+:func:`commit`, which records how many sentences are safely on disk. Rows past
+``committed_docs``/``committed_tokens`` are never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import NeurostoreError
+
+SCHEMA_VERSION = 1
+ATTR = "neurostore"
+SITES = ("resid", "mlp")
+POOLS = ("first", "mean", "last")
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+
+CHUNK_BYTES = 4 << 20  # one (rows, 1, width) chunk: big enough to compress well, small enough to stream
+SHARD_BYTES = 64 << 20  # one shard file: keeps a billion-token store at thousands, not millions, of files
+
+
+def compressor() -> BloscCodec:
+    """Byte-shuffled zstd at level 1: activations are noisy floats, so the shuffle does the work."""
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
+
+
+def _pow2_floor(n: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(n, 1)))))
+
+
+def row_layout(n_layers: int, width: int, itemsize: int, n_rows: int) -> tuple[int, int]:
+    """(chunk rows, shard rows) for an activation array: powers of two, shard a multiple of chunk."""
+    chunk = _pow2_floor(CHUNK_BYTES / (width * itemsize))
+    shard = max(chunk, _pow2_floor(SHARD_BYTES / (n_layers * width * itemsize)))
+    cap = _pow2_floor(max(n_rows, 1)) * 2  # no point in shards far larger than the array
+    chunk = max(1, min(chunk, cap))
+    shard = max(chunk, min(shard, cap))
+    return chunk, shard
+
+
+def numpy_store_dtype(store_dtype: str) -> np.dtype:
+    return np.dtype("uint16") if store_dtype == "bfloat16" else np.dtype(store_dtype)
+
+
+def decode(values: np.ndarray, store_dtype: str) -> np.ndarray:
+    """Stored activations as floats (bfloat16 bits widen exactly to float32)."""
+    if store_dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# opening and creating
+
+
+def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    """A local path or any fsspec URL (``s3://``, ``gs://``, ``memory://`` ...)."""
+    kwargs: dict[str, Any] = {"mode": mode}
+    if storage_options and "://" in url:
+        kwargs["storage_options"] = storage_options
+    return zarr.open_group(url, **kwargs)
+
+
+def read_meta(group: zarr.Group) -> dict | None:
+    meta = group.attrs.get(ATTR)
+    return dict(meta) if meta else None
+
+
+def new_meta(
+    *,
+    model: dict,
+    compute_dtype: str,
+    store_dtype: str,
+    sites: dict[str, dict],
+    pool: Sequence[str],
+    tokens: bool,
+    options: dict,
+    corpus: dict,
+    n_docs: int,
+    n_tokens: int,
+    n_truncated: int,
+    version: str,
+) -> dict:
+    """The group attribute that describes a store; ``committed_*`` and ``complete`` move as it fills."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "neurostore_version": version,
+        "model": model,
+        "compute_dtype": compute_dtype,
+        "store_dtype": store_dtype,
+        "sites": sites,
+        "pool": list(pool),
+        "tokens": tokens,
+        "options": options,
+        "corpus": corpus,
+        "n_docs": n_docs,
+        "n_tokens": n_tokens,
+        "n_truncated": n_truncated,
+        "committed_docs": 0,
+        "committed_tokens": 0,
+        "complete": False,
+        "created": False,
+    }
+
+
+def create(
+    url: str,
+    meta: dict,
+    *,
+    texts: list[str],
+    label: tuple[list[str], np.ndarray],
+    lang: tuple[list[str], np.ndarray],
+    n_tokens: np.ndarray,
+    truncated: np.ndarray,
+    token_ids: np.ndarray,
+    classes: list[str] | None,
+    storage_options: dict | None = None,
+) -> zarr.Group:
+    """Write everything known before the first forward pass, then mark the store created.
+
+    The per-sentence and per-token tables are complete from the start; only activations (and a
+    classifier's logits) fill in as extraction goes. ``created`` is set last, so a store killed
+    while being created is recognised and started over, never resumed.
+    """
+    group = open_group(url, mode="w", storage_options=storage_options)
+    n_docs = len(texts)
+    total = int(n_tokens.sum())
+    token_start = np.zeros(n_docs, dtype=np.int64)
+    np.cumsum(n_tokens[:-1], out=token_start[1:])
+
+    def table(name: str, values: np.ndarray, dtype: Any, attrs: dict | None = None) -> None:
+        n = len(values)
+        chunk = max(1, min(n, 1 << 20 if np.dtype(dtype).itemsize <= 8 else 1 << 16))
+        arr = group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=0)
+        if n:
+            arr[:] = values
+        if attrs:
+            arr.attrs.update(attrs)
+
+    table("docs/label", label[1], "int32", {"categories": label[0]})
+    table("docs/lang", lang[1], "int32", {"categories": lang[0]})
+    table("docs/token_start", token_start, "int64")
+    table("docs/n_tokens", n_tokens.astype(np.int32), "int32")
+    table("docs/truncated", truncated.astype(bool), "bool")
+    text = group.create_array("docs/text", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str)
+    if n_docs:
+        text[:] = np.array(texts, dtype=object)
+    table("tokens/token_id", token_ids.astype(np.int32), "int32")
+    table("tokens/doc", np.repeat(np.arange(n_docs, dtype=np.int32), n_tokens), "int32")
+
+    store_dtype = meta["store_dtype"]
+    dtype = numpy_store_dtype(store_dtype)
+    for site, spec in meta["sites"].items():
+        n_layers, width = len(spec["layers"]), spec["width"]
+        shapes = []
+        if meta["tokens"]:
+            shapes.append((f"acts/{site}", total))
+        shapes += [(f"pooled/{site}/{p}", n_docs) for p in meta["pool"]]
+        for name, rows in shapes:
+            chunk, shard = row_layout(n_layers, width, dtype.itemsize, rows)
+            arr = group.create_array(
+                name,
+                shape=(rows, n_layers, width),
+                chunks=(chunk, 1, width),
+                shards=(shard, n_layers, width),
+                dtype=dtype,
+                compressors=compressor(),
+                fill_value=0,
+                dimension_names=("token" if name.startswith("acts") else "doc", "layer", "neuron"),
+            )
+            arr.attrs.update({"neurostore_dtype": store_dtype, "layers": spec["layers"], "site": site})
+    if classes is not None:
+        group.create_array("docs/logits", shape=(n_docs, len(classes)), chunks=(max(1, min(n_docs, 1 << 16)), len(classes)), dtype="float32", fill_value=0)
+        pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1)
+        pred.attrs.update({"categories": classes})
+    meta = dict(meta, created=True, n_tokens=total)
+    group.attrs.update({ATTR: meta})
+    return group
+
+
+def commit(group: zarr.Group, meta: dict, committed_docs: int, committed_tokens: int, complete: bool = False) -> dict:
+    """Record that every row below these counts is on disk. One atomic metadata write."""
+    meta = dict(meta, committed_docs=int(committed_docs), committed_tokens=int(committed_tokens), complete=bool(complete))
+    group.attrs.update({ATTR: meta})
+    return meta
+
+
+class ShardAppender:
+    """Write the rows of one array in order, whole shards at a time, from one thread.
+
+    Rows that do not fill their shard yet (the tail) are written so they are durable at the next
+    commit, and also kept in memory: the next block rewrites that shard whole. On resume, the tail
+    is read back from the store. Two writers never touch one shard because there is one writer.
+    """
+
+    def __init__(self, array: zarr.Array, start: int) -> None:
+        self.array = array
+        self.rows = (array.shards or array.chunks)[0]
+        self.base = (start // self.rows) * self.rows
+        self.carry = np.asarray(array[self.base:start]) if start > self.base else array.dtype.type(0) * np.zeros((0, *array.shape[1:]), array.dtype)
+
+    @property
+    def position(self) -> int:
+        return self.base + len(self.carry)
+
+    def buffer(self, n_new: int) -> tuple[np.ndarray, np.ndarray]:
+        """A block starting at the last shard boundary, with the carried tail already in place,
+        and the view that the next ``n_new`` rows go into."""
+        full = np.empty((len(self.carry) + n_new, *self.array.shape[1:]), dtype=self.array.dtype)
+        full[: len(self.carry)] = self.carry
+        return full, full[len(self.carry):]
+
+    def flush(self, full: np.ndarray) -> None:
+        end = self.base + len(full)
+        whole = (end // self.rows) * self.rows
+        if end == self.array.shape[0]:
+            whole = end  # the last shard is short by construction: it is whole now
+        if whole > self.base:
+            self.array[self.base:whole] = full[: whole - self.base]
+        tail = full[whole - self.base:]
+        if len(tail):
+            self.array[whole:end] = tail
+        self.carry = tail.copy()
+        self.base = whole
+
+
+# ----------------------------------------------------------------------------------------------
+# reading: one or several part stores as one
+
+
+@dataclass
+class Store:
+    """One store, or several ``--part`` stores read as one (sentences concatenated in part order).
+
+    Only committed rows are visible. Readers get dask arrays (lazy, chunked like the storage) for
+    activations and numpy arrays for the small per-sentence and per-token tables.
+    """
+
+    paths: list[str]
+    groups: list[zarr.Group]
+    metas: list[dict]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def meta(self) -> dict:
+        return self.metas[0]
+
+    @property
+    def complete(self) -> bool:
+        return all(m["complete"] for m in self.metas)
+
+    @property
+    def sites(self) -> dict[str, dict]:
+        return self.meta["sites"]
+
+    @property
+    def store_dtype(self) -> str:
+        return self.meta["store_dtype"]
+
+    @property
+    def n_docs(self) -> int:
+        return sum(m["committed_docs"] for m in self.metas)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(m["committed_tokens"] for m in self.metas)
+
+    def site(self, site: str) -> dict:
+        if site not in self.sites:
+            raise NeurostoreError(
+                f"site {site!r} is not in the store (stored: {', '.join(self.sites)})"
+            )
+        return self.sites[site]
+
+    def layer_index(self, site: str, layer: int) -> int:
+        """Position along the stored layer axis of a model layer number."""
+        layers = self.site(site)["layers"]
+        if layer < 0:
+            layer = layers[layer] if -len(layers) <= layer else layer
+        if layer not in layers:
+            raise NeurostoreError(
+                f"layer {layer} of site {site!r} is not in the store (stored layers: {_ranges(layers)})"
+            )
+        return layers.index(layer)
+
+    def _arrays(self, name: str, rows_key: str) -> list[zarr.Array]:
+        out = []
+        for path, group, meta in zip(self.paths, self.groups, self.metas):
+            try:
+                arr = group[name]
+            except KeyError:
+                raise NeurostoreError(f"{path}: no array {name!r} in the store") from None
+            out.append((arr, meta[rows_key]))
+        return out
+
+    def acts(self, site: str) -> "Any":
+        """Token activations ``[n_tokens, n_layers, width]`` as a lazy dask array (stored dtype)."""
+        self.site(site)
+        if not self.meta["tokens"]:
+            raise NeurostoreError("the store holds pooled vectors only (extracted with --no-tokens)")
+        return self._dask(f"acts/{site}", "committed_tokens")
+
+    def pooled(self, site: str, pool: str) -> "Any":
+        """Pooled sentence vectors ``[n_docs, n_layers, width]`` as a lazy dask array (stored dtype)."""
+        self.site(site)
+        if pool not in self.meta["pool"]:
+            raise NeurostoreError(
+                f"pooling {pool!r} is not in the store (stored: {', '.join(self.meta['pool'])})"
+            )
+        return self._dask(f"pooled/{site}/{pool}", "committed_docs")
+
+    def _dask(self, name: str, rows_key: str) -> "Any":
+        import dask.array as da
+
+        parts = [da.from_zarr(arr)[:rows] for arr, rows in self._arrays(name, rows_key)]
+        return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=0)
+
+    def doc_column(self, name: str) -> np.ndarray:
+        """A per-sentence column over all parts; offsets are shifted so they index the whole."""
+        values, doc_shift, tok_shift = [], 0, 0
+        for (arr, rows), meta in zip(self._arrays(f"docs/{name}", "committed_docs"), self.metas):
+            v = np.asarray(arr[:rows])
+            if name == "token_start":
+                v = v + tok_shift
+            values.append(v)
+            doc_shift += rows
+            tok_shift += meta["committed_tokens"]
+        return np.concatenate(values) if values else np.zeros(0)
+
+    def token_column(self, name: str) -> np.ndarray:
+        values, doc_shift = [], 0
+        for (arr, rows), meta in zip(self._arrays(f"tokens/{name}", "committed_tokens"), self.metas):
+            v = np.asarray(arr[:rows])
+            if name == "doc":
+                v = v + doc_shift
+            values.append(v)
+            doc_shift += meta["committed_docs"]
+        return np.concatenate(values)
+
+    def categories(self, name: str) -> list[str]:
+        """Category names of a categorical column (``label``, ``lang``, ``pred``)."""
+        try:
+            arr = self.groups[0][f"docs/{name}"]
+        except KeyError:
+            raise NeurostoreError(f"the store has no column {name!r}") from None
+        names = arr.attrs.get("categories")
+        if names is None:
+            raise NeurostoreError(f"column {name!r} is not categorical")
+        return list(names)
+
+
+def _ranges(values: Iterable[int]) -> str:
+    values = sorted(values)
+    if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Store:  # noqa: A001
+    """Open a store, or several ``extract --part`` stores as one.
+
+    Parts are ordered by their part index, so the sentences come back in corpus order whatever
+    order the paths are given in. An incomplete store opens with a warning and shows its committed
+    rows only.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise NeurostoreError("no store given")
+    loaded = []
+    for path in paths:
+        try:
+            group = open_group(str(path), mode="r", storage_options=storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            raise NeurostoreError(f"{path}: not a neurostore store (no Zarr group there)") from None
+        meta = read_meta(group)
+        if meta is None or not meta.get("created"):
+            raise NeurostoreError(f"{path}: not a neurostore store (no '{ATTR}' metadata, or creation never finished)")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise NeurostoreError(
+                f"{path}: store schema {meta.get('schema_version')} is not the supported {SCHEMA_VERSION}"
+            )
+        loaded.append((str(path), group, meta))
+    loaded.sort(key=lambda item: (item[2]["corpus"].get("part") or [0, 1])[0])
+    first = loaded[0][2]
+    for path, _, meta in loaded[1:]:
+        for key in ("sites", "store_dtype", "pool", "tokens"):
+            if meta[key] != first[key]:
+                raise NeurostoreError(f"{path}: its {key!r} differs from {loaded[0][0]}; parts must come from one extraction")
+        if meta["model"]["name"] != first["model"]["name"] or meta["corpus"]["fingerprint"] != first["corpus"]["fingerprint"]:
+            raise NeurostoreError(f"{path}: made from another model or corpus than {loaded[0][0]}")
+    store = Store([p for p, _, _ in loaded], [g for _, g, _ in loaded], [m for _, _, m in loaded])
+    for path, _, meta in loaded:
+        if not meta["complete"]:
+            message = (
+                f"{path}: extraction is incomplete; using the {meta['committed_docs']} of "
+                f"{meta['n_docs']} sentences committed so far"
+            )
+            store.warnings.append(message)
+            warnings.warn(message, stacklevel=2)
+    return store
+
+
+# ----------------------------------------------------------------------------------------------
+# summary and verification
+
+
+def _disk_bytes(group: zarr.Group) -> int | None:
+    store = group.store
+    root = getattr(store, "root", None)
+    if root is None:
+        return None
+    import os
+
+    total = 0
+    base = os.path.join(str(root), group.path) if group.path else str(root)
+    for dirpath, _, files in os.walk(base):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def summary(store: Store) -> dict:
+    """Everything ``neurostore info`` shows, as plain JSON-able values."""
+    meta = store.meta
+    itemsize = numpy_store_dtype(meta["store_dtype"]).itemsize
+    raw = 0
+    for spec in meta["sites"].values():
+        per_row = len(spec["layers"]) * spec["width"] * itemsize
+        raw += per_row * (store.n_tokens if meta["tokens"] else 0)
+        raw += per_row * store.n_docs * len(meta["pool"])
+    disk = [_disk_bytes(g) for g in store.groups]
+    disk_total = None if any(d is None for d in disk) else sum(disk)
+    counts = {}
+    for column in ("label", "lang"):
+        codes = store.doc_column(column)
+        names = store.categories(column)
+        table = {name: int((codes == i).sum()) for i, name in enumerate(names)}
+        if (codes < 0).any():
+            table["(missing)"] = int((codes < 0).sum())
+        counts[column] = table
+    return {
+        "paths": store.paths,
+        "model": meta["model"]["name"],
+        "model_type": meta["model"].get("model_type"),
+        "classifier": meta["model"].get("classifier", False),
+        "compute_dtype": meta["compute_dtype"],
+        "store_dtype": meta["store_dtype"],
+        "sites": {s: {"layers": _ranges(v["layers"]), "n_layers": len(v["layers"]), "width": v["width"]} for s, v in meta["sites"].items()},
+        "pool": meta["pool"],
+        "tokens": meta["tokens"],
+        "docs": store.n_docs,
+        "docs_total": sum(m["n_docs"] for m in store.metas),
+        "token_rows": store.n_tokens,
+        "tokens_total": sum(m["n_tokens"] for m in store.metas),
+        "truncated": sum(m.get("n_truncated", 0) for m in store.metas),
+        "complete": store.complete,
+        "parts": [m["corpus"].get("part") for m in store.metas],
+        "counts": counts,
+        "activation_bytes": raw,
+        "disk_bytes": disk_total,
+        "compression_ratio": (raw / disk_total) if disk_total else None,
+        "options": meta["options"],
+    }
+
+
+def verify(store: Store) -> list[str]:
+    """Read every committed row and check that the tables agree. Returns the problems found."""
+    problems: list[str] = []
+    for path, group, meta in zip(store.paths, store.groups, store.metas):
+        docs, toks = meta["committed_docs"], meta["committed_tokens"]
+        try:
+            n_tokens = np.asarray(group["docs/n_tokens"][:])
+            start = np.asarray(group["docs/token_start"][:])
+            doc_of = np.asarray(group["tokens/doc"][:])
+        except Exception as err:  # noqa: BLE001 - a broken store can fail in many ways
+            return problems + [f"{path}: cannot read the tables: {err}"]
+        if int(n_tokens[:docs].sum()) != toks:
+            problems.append(f"{path}: committed tokens {toks} != sum of n_tokens of committed sentences {int(n_tokens[:docs].sum())}")
+        if len(start) and (start[0] != 0 or np.any(start[1:] != np.cumsum(n_tokens)[:-1])):
+            problems.append(f"{path}: docs/token_start is not the running sum of docs/n_tokens")
+        if not np.array_equal(doc_of, np.repeat(np.arange(len(n_tokens)), n_tokens)):
+            problems.append(f"{path}: tokens/doc does not match docs/n_tokens")
+        if meta["complete"] and (docs != meta["n_docs"] or toks != meta["n_tokens"]):
+            problems.append(f"{path}: marked complete but only {docs}/{meta['n_docs']} sentences committed")
+        for name, rows in _activation_arrays(group, meta, docs, toks):
+            arr = group[name]
+            step = arr.shards[0] if arr.shards else arr.chunks[0]
+            for lo in range(0, rows, step):
+                try:
+                    block = decode(np.asarray(arr[lo:min(rows, lo + step)]), meta["store_dtype"])
+                except Exception as err:  # noqa: BLE001
+                    problems.append(f"{path}: {name} rows {lo}-{min(rows, lo + step)}: unreadable ({err})")
+                    continue
+                bad = ~np.isfinite(block)
+                if bad.any():
+                    problems.append(
+                        f"{path}: {name} rows {lo}-{min(rows, lo + step)}: {int(bad.sum())} non-finite values"
+                        " (float16 overflow? extract with --store-dtype bfloat16 or float32)"
+                    )
+    return problems
+
+
+def _activation_arrays(group: zarr.Group, meta: dict, docs: int, toks: int) -> list[tuple[str, int]]:
+    out = []
+    for site in meta["sites"]:
+        if meta["tokens"]:
+            out.append((f"acts/{site}", toks))
+        out += [(f"pooled/{site}/{p}", docs) for p in meta["pool"]]
+    return out
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)
