@@ -38,10 +38,10 @@ def _values(rng: np.random.Generator, n: int, n_layers: int, width: int, group: 
     neurons (to exercise cancellation), negatives and exact zeros, and neuron 1 constant."""
     x = rng.standard_normal((n, n_layers, width)).astype(np.float64)
     x += 0.3 * ((group[:, None, None] * 7 + np.arange(width)[None, None, :]) % 5)
-    x[..., 2 % width] += 50.0  # big mean, small spread
+    x[..., 2 % width] -= 50.0  # big mean, small spread (never active)
     x[..., 0] = np.maximum(x[..., 0], 0)  # relu-like neuron: many exact zeros
     if width > 1:
-        x[..., 1] = 0.75  # constant neuron
+        x[..., 1] = -0.75  # constant neuron (never active)
     return x.astype(dtype)
 
 
