@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -49,8 +50,10 @@ SITES = ("resid", "mlp")
 POOLS = ("first", "mean", "last")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 
-CHUNK_BYTES = 4 << 20  # one (rows, 1, width) chunk: big enough to compress well, small enough to stream
-SHARD_BYTES = 64 << 20  # one shard file: keeps a billion-token store at thousands, not millions, of files
+# One (rows, 1, width) chunk: big enough to compress well, small enough to stream.
+CHUNK_BYTES = int(os.environ.get("NEUROSTORE_CHUNK_BYTES", 4 << 20))
+# One shard file: keeps a billion-token store at thousands, not millions, of files.
+SHARD_BYTES = int(os.environ.get("NEUROSTORE_SHARD_BYTES", 64 << 20))
 
 
 def compressor() -> BloscCodec:
@@ -444,8 +447,6 @@ def _disk_bytes(group: zarr.Group) -> int | None:
     root = getattr(store, "root", None)
     if root is None:
         return None
-    import os
-
     total = 0
     base = os.path.join(str(root), group.path) if group.path else str(root)
     for dirpath, _, files in os.walk(base):
