@@ -16,8 +16,8 @@ from rich.table import Table
 
 from neurostore.errors import NeurostoreError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class OutputFormat(str, enum.Enum):

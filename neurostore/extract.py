@@ -94,6 +94,12 @@ def _existing(out: str) -> tuple[Any, dict | None] | None:
     return group, st.read_meta(group)
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) if value else "(none)"
+    return str(value)
+
+
 def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOptions:
     """Fill defaults; on resume, take the store's options and refuse explicit conflicting ones."""
     resolved = ExtractOptions(**asdict(opts))
@@ -107,7 +113,7 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
             if key == "tokens" or given is not None:
                 if given is not None and given != was:
                     raise NeurostoreError(
-                        f"--{key.replace('_', '-')} {given!r} differs from the store's {was!r}; "
+                        f"--{key.replace('_', '-')} {_show(given)} differs from the store's {_show(was)}; "
                         "drop the option to resume, or use --overwrite to start again"
                     )
             setattr(resolved, key, was)

@@ -118,6 +118,14 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
     hf_logging.disable_progress_bar()
     path = name or default_model()
     local = os.path.exists(path)
+    if not local and (path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path):
+        raise NeurostoreError(f"--model {path!r}: no such folder")
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
+        pass
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
