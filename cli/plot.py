@@ -1,5 +1,194 @@
-"""`neurostore plot`: (being written)."""
+"""``neurostore plot``: paper figures from query results (same store and selection options).
+
+Each command runs the matching query (cached statistics are reused) and draws it with
+:mod:`neurostore.plots`. ``--out FILE`` (.png / .pdf / .svg) or ``--out-dir DIR`` (a name is made
+from the command, site and layer; ``--pdf`` for PDF).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
-app = typer.Typer(help="(being written)", no_args_is_help=True)
+from cli.common import console, fail, handle_errors, parse_int_list
+from cli.query import BY, LABEL, LANG, LAYER, NO_CACHE, POOL, SCHEDULER, SITE, STORES, TOKENS, WHERE, WORKERS, ZSCORE, common
+
+app = typer.Typer(
+    help="Figures for papers: per-neuron variance, correlation heatmaps, mean z per language, polyglot counts, LAPE per layer.",
+    no_args_is_help=True,
+)
+
+OUT = typer.Option(None, "--out", help="Figure file: .png (300 dpi), .pdf or .svg.", show_default=False)
+OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the figure; the name is made from command, site and layer.", show_default=False)
+PDF = typer.Option(False, "--pdf", help="With --out-dir: write PDF instead of PNG.")
+
+
+def _target(out: Optional[Path], out_dir: Optional[Path], pdf: bool, name: str) -> Path:
+    if out is not None and out_dir is not None:
+        fail("--out and --out-dir exclude each other")
+    if out is not None:
+        return out
+    if out_dir is None:
+        fail("give --out FILE or --out-dir DIR for the figure")
+    return out_dir / f"{name}.{'pdf' if pdf else 'png'}"
+
+
+def _save(fig: Any, path: Path) -> None:
+    from neurostore import plots
+
+    written = plots.save(fig, path)
+    console.print(f"wrote {written}")
+
+
+@app.command("variance")
+@handle_errors
+def variance_plot(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    pooled: bool = typer.Option(False, "--over-means", help="One panel: the variance over label means (default: one panel per label, variance within it)."),
+    per_lang: bool = typer.Option(False, "--per-lang", help="One panel per language: the variance over label means there."),
+    top: int = typer.Option(10, "--top", help="Neurons to mark per panel."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    out: Optional[Path] = OUT,
+    out_dir: Optional[Path] = OUT_DIR,
+    pdf: bool = PDF,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Per-neuron variance along the layer, one panel per label, top neurons marked."""
+    from neurostore import plots
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    res = q.variance(store, site, layer, by=by, per="lang" if per_lang else None, within=not (pooled or per_lang), zscore=zscore, top=top, **sel, **run)
+    _save(plots.variance_figure(res), _target(out, out_dir, pdf, f"variance-{site}-L{res.layer}"))
+
+
+@app.command("correlate")
+@handle_errors
+def correlate_plot(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    method: str = typer.Option("spearman", "--method", help="spearman (rank correlation) or cosine."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    out: Optional[Path] = OUT,
+    out_dir: Optional[Path] = OUT_DIR,
+    pdf: bool = PDF,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Cross-lingual correlation heatmaps, one per label, plus their mean."""
+    from neurostore import plots
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    res = q.correlate(store, site, layer, by=by, method=method, zscore=zscore, **sel, **run)
+    _save(plots.correlation_figure(res), _target(out, out_dir, pdf, f"correlate-{site}-L{res.layer}"))
+
+
+@app.command("means")
+@handle_errors
+def means_plot(
+    stores: list[str] = STORES,
+    group: str = typer.Option(..., "--label", help="The label (a value of --by) to draw.", show_default=False),
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    top: int = typer.Option(10, "--top", help="Highlight each language's K highest neurons."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    where: Optional[list[str]] = WHERE,
+    out: Optional[Path] = OUT,
+    out_dir: Optional[Path] = OUT_DIR,
+    pdf: bool = PDF,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Average z-activation per language for one label, each language's top neurons highlighted."""
+    from neurostore import plots
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, None, where, scheduler, workers, no_cache)
+    gm = q.group_means(store, site, layer, by=by, zscore=zscore, **sel, **run)
+    fig = plots.means_figure(gm, group, gm.top_neurons(group, top))
+    _save(fig, _target(out, out_dir, pdf, f"means-{group}-{site}-L{gm.layer}"))
+
+
+@app.command("polyglot")
+@handle_errors
+def polyglot_plot(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    threshold: float = typer.Option(0.5, "--threshold", help="A neuron is above for (lang, label) when M > threshold."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    out: Optional[Path] = OUT,
+    out_dir: Optional[Path] = OUT_DIR,
+    pdf: bool = PDF,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Polyglot / monolingual neuron counts per label and language."""
+    from neurostore import plots
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    res = q.polyglot(store, site, layer, threshold=threshold, by=by, zscore=zscore, **sel, **run)
+    _save(plots.polyglot_figure(res), _target(out, out_dir, pdf, f"polyglot-{site}-L{res.layer}"))
+
+
+@app.command("lape")
+@handle_errors
+def lape_plot(
+    stores: list[str] = STORES,
+    site: str = typer.Option("mlp", "--site", help="Activation site (LAPE is defined on MLP neurons)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7. [default: all stored]", show_default=False),
+    filter_rate: float = typer.Option(0.95, "--filter-rate", help="Quantile of all activation probabilities used as threshold t."),
+    top_rate: float = typer.Option(0.01, "--top-rate", help="Share of all neurons kept (lowest entropy)."),
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    out: Optional[Path] = OUT,
+    out_dir: Optional[Path] = OUT_DIR,
+    pdf: bool = PDF,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """LAPE language-specific neurons per layer and language."""
+    from neurostore import plots
+    from neurostore import query as q
+
+    store, sel, run = common(stores, None, True, lang, label, where, scheduler, workers, no_cache)
+    sel.pop("rows")
+    layer_list = parse_int_list(layers, "--layers") if layers else None
+    res = q.lape(store, site, layer_list, filter_rate=filter_rate, top_rate=top_rate, **sel, **run)
+    _save(plots.lape_figure(res), _target(out, out_dir, pdf, f"lape-{site}"))

@@ -1,5 +1,363 @@
-"""`neurostore query`: (being written)."""
+"""``neurostore query``: out-of-core neuron statistics of one or several (part) stores.
+
+A thin layer over :mod:`neurostore.query`: parse options, call the library, render tables / JSON /
+CSV. No statistics are computed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
 
 import typer
 
-app = typer.Typer(help="(being written)", no_args_is_help=True)
+from cli.common import FORMAT_OPTION, OutputFormat, console, fail, handle_errors, parse_int_list, print_json, print_table, write_csv
+
+app = typer.Typer(
+    help=(
+        "Neuron statistics read out of core, in one pass, cached in the store: variance and ANOVA "
+        "over labels, cross-lingual correlation, polyglot neurons, LAPE, selectors, top examples, "
+        "raw group tables. Several STORE arguments (extract --part outputs) are read as one store."
+    ),
+    no_args_is_help=True,
+)
+
+STORES = typer.Argument(..., help="The store, or several --part stores of one extraction read as one.", show_default=False)
+SITE = typer.Option("resid", "--site", help="Activation site: resid or mlp (whatever the store holds).")
+LAYER = typer.Option(None, "--layer", help="Model layer number; negative counts back from the last. [default: last stored layer]", show_default=False)
+POOL = typer.Option(None, "--pool", help="Sentence rows from this pooling: first, mean or last. [default: mean when stored]", show_default=False)
+TOKENS = typer.Option(False, "--tokens", help="Token rows instead of sentences (each token takes its sentence's label and language).")
+LANG = typer.Option(None, "--lang", help="Keep these languages only (comma-separated or repeated).", show_default=False)
+LABEL = typer.Option(None, "--label", help="Keep these labels only (comma-separated or repeated).", show_default=False)
+WHERE = typer.Option(None, "--where", help="Keep rows where a stored categorical has these values: COLUMN=V1,V2 (repeatable).", show_default=False)
+BY = typer.Option("label", "--by", help="Grouping column: label, or any stored categorical (pred ...).")
+ZSCORE = typer.Option(True, "--zscore/--no-zscore", help="Standardise each neuron within each language first.")
+SCHEDULER = typer.Option(None, "--scheduler", help="Run the pass on this Dask distributed scheduler (tcp://host:8786). [default: local threads]", show_default=False)
+WORKERS = typer.Option(None, "--workers", help="Local threads for the pass. [default: CPU count]", show_default=False)
+NO_CACHE = typer.Option(False, "--no-cache", help="Neither read nor write the statistics cache in the store.")
+
+
+def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
+    if not values:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def parse_where(values: Optional[list[str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for value in values or []:
+        column, sep, names = value.partition("=")
+        if not sep or not column.strip() or not names.strip():
+            fail(f"--where {value!r}: expected COLUMN=VALUE[,VALUE...], e.g. --where pred=joy")
+        out.setdefault(column.strip(), []).extend(split_names([names]) or [])
+    return out
+
+
+def rows_option(pool: Optional[str], tokens: bool) -> Optional[str]:
+    if tokens and pool:
+        fail("--tokens and --pool exclude each other: rows are either tokens or pooled sentences")
+    return "tokens" if tokens else pool
+
+
+def open_stores(stores: list[str]) -> Any:
+    import neurostore
+
+    return neurostore.open(stores)
+
+
+def common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache) -> tuple[Any, dict, dict]:
+    """(store, selection keywords, run keywords)."""
+    rows = rows_option(pool, tokens)
+    if workers is not None and workers < 1:
+        fail(f"--workers {workers}: expected at least 1")
+    store = open_stores(stores)
+    sel = {"rows": rows, "lang": split_names(lang), "label": split_names(label), "where": parse_where(where)}
+    run = {"scheduler": scheduler, "workers": workers, "cache": not no_cache}
+    return store, sel, run
+
+
+def _fmt(value: Any) -> Any:
+    if value is None:
+        return "nan"
+    return value
+
+
+@app.command("variance")
+@handle_errors
+def variance_command(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    per: Optional[str] = typer.Option(None, "--per", help="Give the variance per language (--per lang).", show_default=False),
+    within: Optional[str] = typer.Option(None, "--within", help="Per group of this column, the variance of z over the group's rows (--within label).", show_default=False),
+    top: int = typer.Option(20, "--top", help="Rank the K neurons with the highest variance."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    fmt: OutputFormat = FORMAT_OPTION,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Per-neuron variance over label means of z, with the one-way ANOVA F; --within: per label."""
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    res = q.variance(store, site, layer, by=within or by, per=per, within=within is not None, zscore=zscore, top=top, **sel, **run)
+    if fmt == OutputFormat.json:
+        print_json(res.to_json())
+        return
+    if res.groups is None:
+        if fmt == OutputFormat.csv:
+            write_csv(["neuron", "variance", "f"], [[d, res.variance[d], res.f[d]] for d in range(len(res.variance))])
+            return
+        print_table(
+            f"{site} layer {res.layer}: top {len(res.top)} neurons by variance over {by} means ({'z' if zscore else 'raw'})",
+            ["rank", "neuron", "variance", "F"], [[i + 1, n, v, float(res.f[n])] for i, (n, v) in enumerate(res.top)],
+        )
+        return
+    if fmt == OutputFormat.csv:
+        rows = []
+        for g, name in enumerate(res.groups):
+            for d in range(res.variance.shape[1]):
+                rows.append([name, d, res.variance[g, d], None if res.f is None else res.f[g, d]])
+        write_csv(["group", "neuron", "variance", "f"], rows)
+        return
+    what = f"variance of z within each {within}" if within else f"variance over {by} means per language"
+    rows = []
+    for g, name in enumerate(res.groups):
+        for i, (n, v) in enumerate(res.top[g]):
+            rows.append([name, i + 1, n, v] + ([] if res.f is None else [float(res.f[g, n])]))
+    print_table(f"{site} layer {res.layer}: top neurons, {what}", ["group", "rank", "neuron", "variance"] + ([] if res.f is None else ["F"]), rows)
+
+
+@app.command("correlate")
+@handle_errors
+def correlate_command(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    across: str = typer.Option("lang", "--across", help="Compare M between the values of this column (lang)."),
+    method: str = typer.Option("spearman", "--method", help="spearman (rank correlation) or cosine."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    fmt: OutputFormat = FORMAT_OPTION,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Per label, the language x language correlation of the mean-z profiles over neurons."""
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    res = q.correlate(store, site, layer, by=by, across=across, method=method, zscore=zscore, **sel, **run)
+    if fmt == OutputFormat.json:
+        print_json(res.to_json())
+        return
+    named = [(g, res.matrices[i]) for i, g in enumerate(res.groups)] + [("(mean)", res.mean)]
+    if fmt == OutputFormat.csv:
+        write_csv(["group", "a", "b", method], [[g, a, b, m[i, j]] for g, m in named for i, a in enumerate(res.across) for j, b in enumerate(res.across)])
+        return
+    for g, m in named:
+        print_table(f"{site} layer {res.layer}, {by} {g}: {method} across {across}", [across, *res.across],
+                    [[a, *[float(v) for v in m[i]]] for i, a in enumerate(res.across)])
+
+
+@app.command("polyglot")
+@handle_errors
+def polyglot_command(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    threshold: float = typer.Option(0.5, "--threshold", help="A neuron is above for (lang, label) when M > threshold."),
+    sensitive_top: int = typer.Option(100, "--sensitive-top", help="The K highest-variance neurons count as label-sensitive."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    fmt: OutputFormat = FORMAT_OPTION,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Polyglot neurons (above threshold in every language) and monolingual ones, per label."""
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    res = q.polyglot(store, site, layer, threshold=threshold, by=by, sensitive_top=sensitive_top, zscore=zscore, **sel, **run)
+    if fmt == OutputFormat.json:
+        print_json(res.to_json())
+        return
+    if fmt == OutputFormat.csv:
+        rows = [[g, "polyglot", "", n] for g in res.groups for n in res.polyglot[g]]
+        rows += [[g, "monolingual", l, n] for g in res.groups for l in res.langs for n in res.monolingual[g][l]]
+        write_csv([by, "kind", "lang", "neuron"], rows)
+        return
+    counts = res.counts()
+    print_table(
+        f"{site} layer {res.layer}: neurons with M > {threshold} (counts)",
+        [by, "polyglot", *[f"only {l}" for l in res.langs], "sensitive: poly", "mono", "other"],
+        [[g, counts[g]["polyglot"], *[counts[g][l] for l in res.langs], res.shares[g]["polyglot"], res.shares[g]["monolingual"], res.shares[g]["other"]] for g in res.groups],
+    )
+    print_table("polyglot neurons", [by, "neurons"], [[g, " ".join(map(str, res.polyglot[g])) or "-"] for g in res.groups])
+
+
+@app.command("lape")
+@handle_errors
+def lape_command(
+    stores: list[str] = STORES,
+    site: str = typer.Option("mlp", "--site", help="Activation site (LAPE is defined on MLP neurons)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7. [default: all stored]", show_default=False),
+    filter_rate: float = typer.Option(0.95, "--filter-rate", help="Quantile of all activation probabilities used as threshold t."),
+    top_rate: float = typer.Option(0.01, "--top-rate", help="Share of all neurons kept (lowest entropy)."),
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    fmt: OutputFormat = FORMAT_OPTION,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Language-specific neurons by activation-probability entropy (token rows, all layers)."""
+    from neurostore import query as q
+
+    store, sel, run = common(stores, None, True, lang, label, where, scheduler, workers, no_cache)
+    sel.pop("rows")
+    layer_list = parse_int_list(layers, "--layers") if layers else None
+    res = q.lape(store, site, layer_list, filter_rate=filter_rate, top_rate=top_rate, **sel, **run)
+    if fmt == OutputFormat.json:
+        print_json(res.to_json())
+        return
+    if fmt == OutputFormat.csv:
+        write_csv(["lang", "layer", "neuron"], [[l, a, b] for l, v in res.neurons.items() for a, b in v])
+        return
+    per_layer = res.per_layer()
+    print_table(
+        f"LAPE {site}: t = {res.threshold:.4g} (filter rate {filter_rate}), top {top_rate:.2%} lowest entropy",
+        ["lang", "neurons", *[f"L{x}" for x in res.layers]], [[l, len(v), *per_layer[l]] for l, v in res.neurons.items()],
+    )
+
+
+@app.command("select")
+@handle_errors
+def select_command(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layers, like 11 or 0,5,11 or 3-7. [default: all stored]", show_default=False),
+    by: str = BY,
+    method: str = typer.Option("frequency", "--method", help="frequency, entropy, magnitude or contrast."),
+    top: int = typer.Option(20, "--top", help="Neurons per group."),
+    filter_rate: float = typer.Option(0.95, "--filter-rate", help="entropy: quantile of all probabilities a candidate must exceed."),
+    zscore: bool = ZSCORE,
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    fmt: OutputFormat = FORMAT_OPTION,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """Label-sensitive neurons by a selector: triples (layer, neuron, score) per group."""
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    layer_list = parse_int_list(layer, "--layer") if layer else None
+    res = q.select(store, site, layer_list, by=by, method=method, top=top, zscore=zscore, filter_rate=filter_rate, **sel, **run)
+    if fmt == OutputFormat.json:
+        print_json(res.to_json())
+        return
+    rows = [[g, i + 1, a, b, c] for g, v in res.selected.items() for i, (a, b, c) in enumerate(v)]
+    if fmt == OutputFormat.csv:
+        write_csv(["group", "rank", "layer", "neuron", "score"], rows)
+        return
+    print_table(f"{site}: {method} selector, top {top} per {by}", [by, "rank", "layer", "neuron", "score"], rows)
+
+
+@app.command("top-examples")
+@handle_errors
+def top_examples_command(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    neuron: int = typer.Option(..., "--neuron", help="Neuron index along the width axis (0-based).", show_default=False),
+    k: int = typer.Option(20, "--k", help="How many rows to show."),
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    fmt: OutputFormat = FORMAT_OPTION,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+) -> None:
+    """The tokens (default when stored) or sentences (--pool) that activate one neuron most."""
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, False)
+    run.pop("cache")
+    if sel["rows"] is None and store.meta["tokens"]:
+        sel["rows"] = "tokens"
+    examples = q.top_examples(store, site, layer, neuron, k=k, **sel, **run)
+    layer_n = q.resolve_layer(store, site, layer)
+    cols = ["value", "lang", "label", "doc", "position", "token_id", "text"]
+    rows = [[e.value, e.lang, e.label, e.doc, e.position, e.token_id, e.text] for e in examples]
+    if fmt == OutputFormat.json:
+        print_json({"site": site, "layer": layer_n, "neuron": neuron, "examples": [dict(zip(["row", *cols], [e.row, *r])) for e, r in zip(examples, rows)]})
+    elif fmt == OutputFormat.csv:
+        write_csv(cols, rows)
+    else:
+        print_table(f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} rows", ["rank", *cols], [[i + 1, *["" if c is None else c for c in r]] for i, r in enumerate(rows)])
+
+
+@app.command("stats")
+@handle_errors
+def stats_command(
+    stores: list[str] = STORES,
+    site: str = SITE,
+    layer: Optional[int] = LAYER,
+    by: str = BY,
+    neurons: Optional[str] = typer.Option(None, "--neurons", help="Only these neurons in the table/CSV, like 0,5 or 3-7. [default: all]", show_default=False),
+    quantiles: bool = typer.Option(True, "--quantiles/--no-quantiles", help="Approximate P10/P50/P90 (a histogram sketch in the same pass)."),
+    pool: Optional[str] = POOL,
+    tokens: bool = TOKENS,
+    lang: Optional[list[str]] = LANG,
+    label: Optional[list[str]] = LABEL,
+    where: Optional[list[str]] = WHERE,
+    fmt: OutputFormat = FORMAT_OPTION,
+    scheduler: Optional[str] = SCHEDULER,
+    workers: Optional[int] = WORKERS,
+    no_cache: bool = NO_CACHE,
+) -> None:
+    """The raw group table per (language, group) and neuron: count, mean, std, P(act>0), quantiles."""
+    from neurostore import query as q
+
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    res = q.stats(store, site, layer, by=by, quantiles=quantiles, **sel, **run)
+    picks = parse_int_list(neurons, "--neurons") if neurons else None
+    width = res.mean.shape[-1]
+    for d in picks or []:
+        if not 0 <= d < width:
+            fail(f"--neurons {d}: site {site!r} has neurons 0-{width - 1}")
+    if fmt == OutputFormat.json:
+        print_json(res.to_json())
+        return
+    if fmt == OutputFormat.csv:
+        write_csv(res.COLUMNS, res.table(picks))
+        return
+    shown = picks if picks is not None else list(range(min(width, 8)))
+    print_table(f"{site} layer {res.layer}: group statistics (raw activations)", res.COLUMNS, [[_fmt(v) for v in r] for r in res.table(shown)])
+    if picks is None and width > len(shown):
+        console.print(f"(neurons 0-{len(shown) - 1} of {width}; --neurons to choose, --format csv for all)")

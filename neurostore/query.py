@@ -42,8 +42,14 @@ def default_rows(store: Store) -> str:
     return "tokens"
 
 
+def check_site(store: Store, site: str) -> None:
+    if site not in store.sites:
+        raise NeurostoreError(f"--site {site}: not in the store (stored: {', '.join(store.sites)})")
+
+
 def resolve_layer(store: Store, site: str, layer: int | None, option: str = "--layer") -> int:
     """A model layer number of ``site`` (None = the last stored layer; negatives count back)."""
+    check_site(store, site)
     layers = store.site(site)["layers"]
     if layer is None:
         return layers[-1]
@@ -55,6 +61,7 @@ def resolve_layer(store: Store, site: str, layer: int | None, option: str = "--l
 
 
 def resolve_layers(store: Store, site: str, layers: Sequence[int] | int | None) -> list[int]:
+    check_site(store, site)
     if layers is None:
         return list(store.site(site)["layers"])
     if isinstance(layers, int):
@@ -68,7 +75,7 @@ def selection(
     where: dict[str, Sequence[str]] | None = None,
 ) -> mo.Selection:
     """Check the options against the store and build a :class:`~neurostore.moments.Selection`."""
-    store.site(site)
+    check_site(store, site)
     rows = rows or default_rows(store)
     if rows == "tokens":
         if not store.meta["tokens"]:
@@ -318,6 +325,13 @@ class GroupMeans:
     groups: list[str]
     count: np.ndarray
     M: np.ndarray
+
+    def top_neurons(self, group: str, k: int) -> dict[str, list[int]]:
+        """Per language, the ``k`` neurons with the highest ``M`` for ``group`` (highest first)."""
+        if group not in self.groups:
+            raise NeurostoreError(f"--label {group}: the store has {', '.join(self.groups)}")
+        e = self.groups.index(group)
+        return {l: [n for n, _ in an.top_k(self.M[i, e], k)] for i, l in enumerate(self.langs) if self.count[i, e] > 0}
 
     def to_json(self) -> dict:
         return {
