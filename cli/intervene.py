@@ -1,7 +1,219 @@
-"""`neurostore intervene`: (being written)."""
+"""`neurostore intervene`: ablate, set or amplify a neuron set in a classifier and measure the effect.
+
+torch and transformers are imported inside the command, so `neurostore --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from cli.common import FORMAT_OPTION, OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
+
+
+class Mode(str, enum.Enum):
+    ablate = "ablate"
+    set = "set"
+    gain = "gain"
+
+
+class Stat(str, enum.Enum):
+    mean = "mean"
+    p10 = "p10"
+    p90 = "p90"
+
+
+class Positions(str, enum.Enum):
+    all = "all"
+    first = "first"
+    last = "last"
+
 
 def register(app: typer.Typer) -> None:
-    """(being written)"""
+    """Add the ``intervene`` command to the application."""
+    app.command(
+        "intervene",
+        help=(
+            "Ablate, set or amplify a neuron set of a sequence classifier: accuracy and macro-F1 before "
+            "and after, overall and per label, the self vs cross effect, and random controls.\n\n"
+            "Neurons come from any query JSON output or from --neurons 11:523,11:87 with --site. Modes: "
+            "ablate (0), set (--stat of --of, read from the --stats store), gain (x --alpha). --controls N "
+            "runs N random sets with the same count per layer (reproducible with --seed)."
+        ),
+    )(intervene_command)
+
+
+@handle_errors
+def intervene_command(
+    corpus: list[Path] = typer.Argument(..., help="Labelled evaluation corpus (JSONL, CSV, TSV); gold labels must be the model's labels."),
+    model: str = typer.Option(..., "--model", "-m", help="A sequence-classification model: a local folder or a hub name."),
+    neurons: str = typer.Option(..., "--neurons", help="A query JSON output (variance top, polyglot, lape, select) or layer:neuron pairs like 11:523,11:87 (with --site)."),
+    site: Optional[str] = typer.Option(None, "--site", help="Site of a layer:neuron list: resid or mlp (a JSON file names its own).", show_default=False),
+    group: Optional[str] = typer.Option(None, "--group", help="Which label/language entry of the JSON to use (LABEL/LANG for monolingual polyglot neurons); also the default --target. [default: union of all entries]", show_default=False),
+    target: Optional[str] = typer.Option(None, "--target", help="Label (or language) whose accuracy drop is the self effect; the others give the cross effect. [default: --group]", show_default=False),
+    mode: Mode = typer.Option(Mode.ablate, "--mode", help="ablate: set to 0; set: overwrite with --stat of --of (needs --stats); gain: multiply by --alpha."),
+    alpha: float = typer.Option(2.0, "--alpha", help="Gain factor for --mode gain."),
+    stat: Stat = typer.Option(Stat.mean, "--stat", help="Statistic written by --mode set: the group's mean, 10th or 90th percentile."),
+    of: Optional[str] = typer.Option(None, "--of", help="Group whose statistic --mode set writes: a label or language of the store (or label:NAME, lang:NAME, pred:NAME). [default: --target]", show_default=False),
+    stats: Optional[str] = typer.Option(None, "--stats", help="Store of the same model and site: its cached group statistics feed --mode set; its site width and dtype are checked.", show_default=False),
+    positions: Positions = typer.Option(Positions.all, "--positions", help="Act at every real token, or only the pooled position (first for encoders, last for decoders). Padding is never touched."),
+    controls: int = typer.Option(0, "--controls", help="Random neuron sets of the same size per layer to run as controls.", min=0),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random controls."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float16, bfloat16 or float32 (autocast). [default: float16 on CUDA, float32 on CPU]", show_default=False),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens. [default: the model's limit]", show_default=False),
+    max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted."),
+    module_pattern: Optional[str] = typer.Option(None, "--module-pattern", help="Glob naming the modules whose outputs are the mlp site, for architectures not known.", show_default=False),
+    input_format: Optional[str] = typer.Option(None, "--input-format", help="Corpus format: jsonl, csv, tsv. [default: from the extension]", show_default=False),
+    text_col: str = typer.Option("text", "--text-col", help="Column holding the sentence."),
+    label_col: str = typer.Option("label", "--label-col", help="Column holding the gold label."),
+    lang_col: str = typer.Option("lang", "--lang-col", help="Column holding the language (optional; gives per-language accuracy)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-label accuracy change, selected vs controls (png, pdf, svg).", show_default=False),
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    from neurostore import intervene as iv
+    from neurostore import models as M
+    from neurostore.corpus import read_corpus
+    from neurostore.errors import NeurostoreError
+
+    neuron_set = iv.load_neuron_set(neurons, site=site, group=group)
+    if neuron_set.n == 0:
+        err_console.print("[yellow]warning:[/] the neuron set is empty: the intervened model is the unmodified model")
+    target = target or (group.split("/")[0] if group else None)
+    if mode is Mode.set and not stats:
+        raise NeurostoreError("--mode set needs --stats STORE (the group statistics to write)")
+    if mode is Mode.set and not (of or target):
+        raise NeurostoreError("--mode set needs --of GROUP (the label or language whose statistic to write)")
+    texts = read_corpus(corpus, fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col)
+    dev = M.resolve_device(device)
+    torch_dtype = M.resolve_dtype(dtype, dev)
+    loaded = M.load(model, dev)
+    if loaded.classes is None:
+        raise NeurostoreError(f"--model {model}: not a sequence classifier (its config names no ...ForSequenceClassification)")
+    site_info = M.resolve_sites(loaded, [neuron_set.site], None, module_pattern)[neuron_set.site]
+    iv.check_neuron_set(neuron_set, site_info.layers, site_info.width)
+    data = iv.prepare(loaded, texts, max_length=max_length, max_batch_tokens=max_batch_tokens)
+
+    values, extra = None, {}
+    if stats:
+        import neurostore
+
+        store = neurostore.open(stats)
+        iv.check_store(store, loaded, neuron_set.site, site_info.width, torch_dtype)
+        if mode is Mode.set:
+            rows = iv.stat_rows(store, positions.value)
+            values = iv.group_statistic(store, neuron_set.site, sorted(neuron_set.layers), of or target, stat.value, rows=rows)
+            extra = {"stat": stat.value, "of": of or target, "stat_rows": rows, "stats": stats}
+    spec = iv.Intervention(neuron_set, mode.value, alpha, values, positions.value)
+    quiet = fmt is not OutputFormat.table
+    result = iv.evaluate(
+        loaded,
+        data,
+        spec,
+        controls=controls,
+        seed=seed,
+        width=site_info.width,
+        target=target,
+        dtype=torch_dtype,
+        module_pattern=module_pattern,
+        progress=None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]")),
+    )
+    result.update(extra)
+    if plot is not None:
+        from neurostore.plots_intervene import plot_intervention
+
+        plot_intervention(result, plot)
+    if fmt is OutputFormat.json:
+        print_json(result)
+    elif fmt is OutputFormat.csv:
+        write_csv(*_rows(result))
+    else:
+        _render(result, plot)
+
+
+def _spread_cell(spread: dict | None) -> str:
+    if not spread:
+        return "-"
+    return f"{spread['mean']:+.3f} ± {spread['std']:.3f}"
+
+
+def _rows(result: dict) -> tuple[list[str], list[list[Any]]]:
+    """One row per number: overall, per label, per language; controls as mean and std of the change."""
+    base, after, summary = result["baseline"], result["intervened"], result.get("controls_summary") or {}
+    columns = ["metric", "group", "baseline", "intervened", "change", "controls_change_mean", "controls_change_std"]
+    rows = []
+
+    def add(metric: str, group: str, b: float, a: float, ctrl: dict | None) -> None:
+        mean = std = None
+        if ctrl:
+            mean, std = ctrl["mean"] - b, ctrl["std"]
+        rows.append([metric, group, b, a, a - b, mean, std])
+
+    add("accuracy", "all", base["accuracy"], after["accuracy"], summary.get("accuracy"))
+    add("macro_f1", "all", base["macro_f1"], after["macro_f1"], summary.get("macro_f1"))
+    for key, metric in (("per_label", "label_accuracy"), ("per_lang", "lang_accuracy")):
+        for name, b in (base.get(key) or {}).items():
+            add(metric, name, b, after[key][name], (summary.get(key) or {}).get(name))
+    return columns, rows
+
+
+def _render(result: dict, plot: Path | None) -> None:
+    neurons = result["neurons"]
+    per_layer = ", ".join(f"L{layer}: {n}" for layer, n in neurons["per_layer"].items()) or "none"
+    if result["mode"] == "gain":
+        how = f"gain x{result['alpha']:g}"
+    elif result["mode"] == "set":
+        how = f"set to {result.get('stat')} of {result.get('of')!r}"
+    else:
+        how = "ablate"
+    title = (
+        f"{how}: {neurons['n']} {neurons['site']} neurons ({per_layer})"
+        f"{' of ' + repr(neurons['group']) if neurons.get('group') else ''}, positions {result['positions']}, "
+        f"{result['n_sentences']} sentences"
+    )
+    n_controls = len(result["controls"])
+    columns, rows = _rows(result)
+    header = ["", "baseline", "intervened", "change"] + ([f"controls change, n={n_controls} (mean ± std)"] if n_controls else [])
+    table_rows = []
+    for metric, group, b, a, change, cmean, cstd in rows:
+        label = {"accuracy": "accuracy", "macro_f1": "macro-F1"}.get(metric) or (
+            f"label {group}" if metric == "label_accuracy" else f"lang {group}"
+        )
+        if group == result.get("target"):
+            label += " (target)"
+        row = [label, f"{b:.3f}", f"{a:.3f}", f"{change:+.3f}"]
+        if n_controls:
+            row.append(f"{cmean:+.3f} ± {cstd:.3f}")
+        table_rows.append(row)
+    print_table(title, header, table_rows)
+
+    eff = result["intervened"]["effect"]
+    ceff = (result.get("controls_summary") or {}).get("effect") or {}
+    names = [
+        ("accuracy_drop", "accuracy drop"),
+        ("macro_f1_drop", "macro-F1 drop"),
+        ("self_drop", f"self drop ({result.get('target')})"),
+        ("cross_drop", f"cross drop (other {eff.get('by') or 'group'}s)"),
+        ("toward_target", "toward target (share)"),
+        ("target_prob_change", "target prob. change"),
+        ("changed", "changed predictions"),
+    ]
+    effect_rows = []
+    for key, label in names:
+        if key not in eff or eff[key] is None:
+            continue
+        row = [label, f"{eff[key]:+.3f}"]
+        if n_controls:
+            row.append(_spread_cell(ceff.get(key)))
+            spread = ceff.get(key)
+            row.append(f"{spread['min']:+.3f} .. {spread['max']:+.3f}" if spread else "-")
+        effect_rows.append(row)
+    header = ["effect", "selected"] + (["controls (mean ± std)", "controls (min .. max)"] if n_controls else [])
+    print_table("Effect of the intervention (positive drop = worse than baseline)", header, effect_rows)
+    if not n_controls:
+        console.print("[dim]No controls: add --controls N to see whether random sets of the same size do as much.[/]")
+    if plot is not None:
+        console.print(f"plot written to {plot}")

@@ -1,0 +1,708 @@
+"""Intervene on neurons at inference time and measure what a sequence classifier loses.
+
+Correlational neuron sets (high variance, polyglot, LAPE, selectors) say which neurons *covary*
+with a label or language; intervening says whether the model *needs* them. Three modes:
+
+``ablate``  the neurons are set to 0;
+``set``     the neurons are overwritten with a statistic (mean, p10, p90) of a label or language
+            group, read from a store's cached group statistics so that the value is on the scale
+            of the hooked activations;
+``gain``    the neurons are multiplied by ``alpha`` (> 1 amplifies, steering predictions).
+
+Where the hooks sit (the same sites as extraction, see :mod:`neurostore.models`):
+
+``mlp`` layer i     forward hook on the activation module of block i; its output feeds the
+                    down-projection, so the change propagates through the rest of the model.
+``resid`` layer i>0 forward hook on block i-1 (element 0 when the block returns a tuple): the
+                    input of block i, i.e. ``hidden_states[i]``.
+``resid`` layer 0   forward pre-hook on block 0 (the embeddings as block 0 receives them).
+
+A hook acts only at real tokens (never at padding), at every one (``positions="all"``) or at the
+pooled position only (``"first"`` for encoders that pool the first token, ``"last"`` for decoders
+that pool the last real one). It reads the current batch's attention mask from a small
+:class:`BatchState` that the evaluation loop sets before each forward pass. Hooks are installed by
+the :func:`intervention` context manager and removed on exit whatever happens; an empty neuron set
+installs no hook at all, so it is the unmodified model.
+
+Controls are random neuron sets with the same number of neurons per layer as the selected set,
+drawn uniformly among the *other* neurons of each layer with ``numpy.random.default_rng(seed)``.
+Metrics (accuracy, macro-F1, per-label accuracy = recall) are computed here in numpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import batching
+from . import models as M
+from .corpus import Corpus
+from .errors import NeurostoreError
+
+MODES = ("ablate", "set", "gain")
+POSITIONS = ("all", "first", "last")
+STATS = ("mean", "p10", "p90")
+SITES = ("resid", "mlp")
+
+
+# ----------------------------------------------------------------------------------------------
+# neuron sets
+
+
+@dataclass
+class NeuronSet:
+    """Neurons of one site: ``{layer: sorted neuron indices}``, with where they came from."""
+
+    site: str
+    layers: dict[int, list[int]]
+    group: str | None = None
+    source: str = ""
+
+    @property
+    def n(self) -> int:
+        return sum(len(v) for v in self.layers.values())
+
+    def per_layer(self) -> dict[int, int]:
+        return {layer: len(v) for layer, v in sorted(self.layers.items()) if v}
+
+    def describe(self) -> dict:
+        return {
+            "site": self.site,
+            "n": self.n,
+            "per_layer": {str(k): v for k, v in self.per_layer().items()},
+            "group": self.group,
+            "source": self.source,
+        }
+
+
+def _collect(pairs: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    layers: dict[int, set[int]] = {}
+    for layer, neuron in pairs:
+        layers.setdefault(int(layer), set()).add(int(neuron))
+    return {layer: sorted(ns) for layer, ns in sorted(layers.items())}
+
+
+def parse_neuron_list(text: str, site: str | None) -> NeuronSet:
+    """``"11:523,11:87"`` (layer:neuron pairs) for ``site``."""
+    if site is None:
+        raise NeurostoreError(f"--neurons {text!r}: a layer:neuron list needs --site (resid or mlp)")
+    _check_site(site, "--site")
+    pairs = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\s*:\s*(\d+)", part)
+        if not m:
+            raise NeurostoreError(f"--neurons {text!r}: {part!r} is not layer:neuron (e.g. 11:523)")
+        pairs.append((int(m[1]), int(m[2])))
+    return NeuronSet(site, _collect(pairs), source="--neurons")
+
+
+def _check_site(site: Any, where: str) -> str:
+    if site not in SITES:
+        raise NeurostoreError(f"{where}: site {site!r} is not one of {', '.join(SITES)}")
+    return site
+
+
+def _pick(mapping: Any, group: str | None, what: str, source: str) -> tuple[str | None, list]:
+    """The entry ``group`` of ``mapping``; without a group, the union of all entries (as the query layer does)."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise NeurostoreError(f"{source}: {what!r} is empty or not an object")
+    if group is None:
+        if len(mapping) == 1:
+            return next(iter(mapping.items()))
+        merged: list = []
+        for values in mapping.values():
+            if not isinstance(values, list):
+                raise NeurostoreError(f"{source}: {what!r} entries should be lists")
+            merged.extend(values)
+        return None, merged
+    if group not in mapping:
+        names = ", ".join(map(str, mapping))
+        raise NeurostoreError(f"--group {group!r} is not in {source} ({what}: {names})")
+    return group, mapping[group]
+
+
+def _ints(values: Any, source: str, what: str) -> list[int]:
+    try:
+        out = [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise NeurostoreError(f"{source}: {what} should be a list of neuron numbers") from None
+    if any(v < 0 for v in out):
+        raise NeurostoreError(f"{source}: {what} holds a negative neuron number")
+    return out
+
+
+def _rows(values: Any, source: str, what: str, width: int) -> list[tuple[int, int]]:
+    """``[[layer, neuron, ...], ...]`` -> (layer, neuron) pairs."""
+    try:
+        pairs = [(int(row[0]), int(row[1])) for row in values]
+        if any(len(row) < 2 or len(row) > width for row in values):
+            raise ValueError
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise NeurostoreError(f"{source}: {what} should be a list of [layer, neuron{', score' if width == 3 else ''}] rows") from None
+    if any(layer < 0 or neuron < 0 for layer, neuron in pairs):
+        raise NeurostoreError(f"{source}: {what} holds a negative layer or neuron number")
+    return pairs
+
+
+def neuron_set_from_json(obj: Any, group: str | None = None, source: str = "the JSON") -> NeuronSet:
+    """A neuron set from any ``neurostore query ... --format json`` output.
+
+    ``variance`` (``top``; a ``--per``/``--within`` output has one ``top`` per group),
+    ``polyglot`` (``polyglot``; ``group="LABEL/LANG"`` for the monolingual neurons), ``lape``
+    (``neurons`` by language) and ``select`` (``selected`` by group). ``group`` picks the entry
+    where the JSON has several; without it, the union of all entries (as
+    ``neurostore.query.neuron_set_from_json`` reads them).
+    """
+    if not isinstance(obj, dict) or "site" not in obj:
+        raise NeurostoreError(f"{source}: not a neurostore query output (a JSON object with a 'site')")
+    site = _check_site(obj["site"], source)
+
+    def layer_of() -> int:
+        layer = obj.get("layer")
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise NeurostoreError(f"{source}: 'layer' should be a layer number, got {layer!r}")
+        return layer
+
+    if "selected" in obj:
+        name, rows = _pick(obj["selected"], group, "selected", source)
+        return NeuronSet(site, _collect(_rows(rows, source, f"selected[{name!r}]", 3)), name, source)
+    if "polyglot" in obj:
+        layer = layer_of()
+        if group is not None and re.search(r"[/:]", group):
+            label, lang = re.split(r"[/:]", group, maxsplit=1)
+            _, by_lang = _pick(obj.get("monolingual") or {}, label, "monolingual", source)
+            _, neurons = _pick(by_lang, lang, f"monolingual[{label!r}]", source)
+            return NeuronSet(site, _collect([(layer, n) for n in _ints(neurons, source, "monolingual")]), group, source)
+        name, neurons = _pick(obj["polyglot"], group, "polyglot", source)
+        return NeuronSet(site, _collect([(layer, n) for n in _ints(neurons, source, f"polyglot[{name!r}]")]), name, source)
+    if "top" in obj:
+        layer = layer_of()
+        top = obj["top"]
+        name = group
+        if isinstance(top, dict):
+            name, top = _pick(top, group, "top", source)
+        try:
+            neurons = [row[0] if isinstance(row, (list, tuple)) else row for row in top]
+        except TypeError:
+            raise NeurostoreError(f"{source}: 'top' should be a list of [neuron, value] rows") from None
+        return NeuronSet(site, _collect([(layer, n) for n in _ints(neurons, source, "top")]), name, source)
+    if isinstance(obj.get("neurons"), dict):
+        name, rows = _pick(obj["neurons"], group, "neurons", source)
+        return NeuronSet(site, _collect(_rows(rows, source, f"neurons[{name!r}]", 2)), name, source)
+    raise NeurostoreError(
+        f"{source}: no neuron set in it (expected a query output with 'top', 'polyglot', 'neurons' or 'selected')"
+    )
+
+
+def load_neuron_set(spec: str, *, site: str | None = None, group: str | None = None) -> NeuronSet:
+    """``--neurons``: a query JSON file, or a ``layer:neuron,...`` list (which needs ``--site``)."""
+    path = Path(spec)
+    if path.is_file():
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise NeurostoreError(f"--neurons {spec}: not a JSON file ({getattr(err, 'msg', err)})") from None
+        neurons = neuron_set_from_json(obj, group, source=f"--neurons {spec}")
+        if site is not None and site != neurons.site:
+            raise NeurostoreError(f"--site {site} does not match site {neurons.site!r} of --neurons {spec}")
+        return neurons
+    if re.fullmatch(r"[\d:,\s]+", spec) and ":" in spec:
+        neurons = parse_neuron_list(spec, site)
+        neurons.group = group
+        return neurons
+    raise NeurostoreError(f"--neurons {spec!r}: no such file, and not a layer:neuron list like 11:523,11:87")
+
+
+def check_neuron_set(neurons: NeuronSet, layers: Sequence[int], width: int) -> None:
+    """Every layer is one of the site's, every neuron below its width."""
+    layers = list(layers)
+    for layer, ids in neurons.layers.items():
+        if layer not in layers:
+            raise NeurostoreError(
+                f"--neurons: layer {layer} is not a layer of site {neurons.site!r} (layers {layers[0]}-{layers[-1]})"
+            )
+        if ids and max(ids) >= width:
+            raise NeurostoreError(
+                f"--neurons: neuron {max(ids)} of layer {layer} is out of range "
+                f"(site {neurons.site!r} has {width} neurons per layer)"
+            )
+
+
+def random_controls(neurons: NeuronSet, width: int, n: int, seed: int = 0) -> list[NeuronSet]:
+    """``n`` random sets with the same count per layer, drawn among each layer's other neurons."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(n):
+        layers = {}
+        for layer, chosen in sorted(neurons.layers.items()):
+            pool = np.setdiff1d(np.arange(width), np.asarray(chosen, dtype=np.int64))
+            if len(pool) < len(chosen):
+                raise NeurostoreError(
+                    f"--controls: layer {layer} has {width} neurons, too few to draw {len(chosen)} "
+                    f"besides the {len(chosen)} selected"
+                )
+            layers[layer] = sorted(int(v) for v in rng.choice(pool, size=len(chosen), replace=False))
+        out.append(NeuronSet(neurons.site, layers, neurons.group, f"control {c + 1} (seed {seed})"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# hooks
+
+
+@dataclass
+class Intervention:
+    """What to do to a neuron set: ``values`` (set mode) is a full-width vector per layer."""
+
+    neurons: NeuronSet
+    mode: str = "ablate"
+    alpha: float = 1.0
+    values: dict[int, np.ndarray] | None = None
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise NeurostoreError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.positions not in POSITIONS:
+            raise NeurostoreError(f"--positions {self.positions!r}: use one of {', '.join(POSITIONS)}")
+        if self.mode == "set":
+            missing = [layer for layer in self.neurons.layers if self.values is None or layer not in self.values]
+            if missing:
+                raise NeurostoreError(f"--mode set: no statistic for layer(s) {', '.join(map(str, missing))}")
+        if self.mode == "gain" and not math.isfinite(self.alpha):
+            raise NeurostoreError(f"--alpha {self.alpha}: must be a finite number")
+
+    def with_neurons(self, neurons: NeuronSet) -> "Intervention":
+        return Intervention(neurons, self.mode, self.alpha, self.values, self.positions)
+
+
+class BatchState:
+    """The batch being run: where (real tokens, chosen positions) the hooks may act."""
+
+    def __init__(self, positions: str = "all") -> None:
+        self.positions = positions
+        self.where: torch.Tensor | None = None  # [batch, tokens, 1] bool
+
+    def set_mask(self, attention_mask: torch.Tensor) -> None:
+        """Call before each forward pass with the batch's (right-padded) attention mask."""
+        real = attention_mask.bool()
+        if self.positions == "all":
+            where = real
+        else:
+            where = torch.zeros_like(real)
+            rows = torch.arange(real.shape[0], device=real.device)
+            if self.positions == "first":
+                where[:, 0] = real[:, 0]
+            else:
+                last = (real.sum(dim=1) - 1).clamp(min=0)
+                where[rows, last] = real[rows, last]
+        self.where = where.unsqueeze(-1)
+
+
+def _editor(state: BatchState, intervention: Intervention, layer: int, device: torch.device) -> Callable:
+    ids = intervention.neurons.layers[layer]
+    index = torch.tensor(ids, dtype=torch.long, device=device)
+    mode, alpha = intervention.mode, float(intervention.alpha)
+    target = None
+    if mode == "set":
+        target = torch.as_tensor(np.asarray(intervention.values[layer], dtype=np.float32)[ids], device=device)
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        where = state.where
+        if where is None:
+            raise RuntimeError("intervention hook ran without a batch mask: call BatchState.set_mask first")
+        if h.dim() != 3 or tuple(h.shape[:2]) != tuple(where.shape[:2]):
+            raise NeurostoreError(
+                f"cannot intervene on site {intervention.neurons.site!r} layer {layer}: its values have shape "
+                f"{tuple(h.shape)}, expected (batch, tokens, width) with (batch, tokens) = {tuple(where.shape[:2])}"
+            )
+        old = h.index_select(-1, index)
+        if mode == "ablate":
+            new = torch.zeros_like(old)
+        elif mode == "set":
+            new = target.to(old.dtype).expand_as(old)
+        else:
+            new = old * alpha
+        out = h.clone()
+        out[..., index] = torch.where(where, new, old)
+        return out
+
+    return edit
+
+
+def _output_hook(edit: Callable) -> Callable:
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit(output[0]),) + tuple(output[1:])
+        return edit(output)
+
+    return hook
+
+
+def _input_hook(edit: Callable) -> Callable:
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (edit(args[0]),) + tuple(args[1:]), kwargs
+        for key in ("hidden_states", "hidden_state", "x"):
+            if key in kwargs:
+                return args, {**kwargs, key: edit(kwargs[key])}
+        raise NeurostoreError("cannot find the input of block 0 to intervene on resid layer 0")
+
+    return hook
+
+
+@contextlib.contextmanager
+def intervention(
+    loaded: M.LoadedModel, spec: Intervention, *, module_pattern: str | None = None
+) -> Iterator[BatchState]:
+    """Install the hooks of ``spec``; yields the :class:`BatchState` to set before each forward."""
+    state = BatchState(spec.positions)
+    handles = []
+    site = spec.neurons.site
+    try:
+        layers = [layer for layer, ids in sorted(spec.neurons.layers.items()) if ids]
+        mlp = M.mlp_modules(loaded, module_pattern) if site == "mlp" and layers else None
+        for layer in layers:
+            edit = _editor(state, spec, layer, loaded.device)
+            if site == "mlp":
+                handles.append(mlp[layer].register_forward_hook(_output_hook(edit)))
+                continue
+            if loaded.blocks is None:
+                raise NeurostoreError(f"cannot find the transformer blocks of model type {loaded.model_type!r}")
+            if layer == 0:
+                handles.append(loaded.blocks[0].register_forward_pre_hook(_input_hook(edit), with_kwargs=True))
+            else:
+                handles.append(loaded.blocks[layer - 1].register_forward_hook(_output_hook(edit)))
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class EvalSet:
+    """A labelled corpus tokenised and cut into batches once, reused by every run."""
+
+    ids: list[list[int]]
+    batches: list[np.ndarray]
+    gold: np.ndarray
+    langs: list[str | None]
+    classes: list[str]
+    n_truncated: int = 0
+
+
+def prepare(
+    loaded: M.LoadedModel, corpus: Corpus, *, max_length: int | None = None, max_batch_tokens: int = 8192
+) -> EvalSet:
+    """Map gold label names to the classifier's classes; tokenise and plan batches as extraction does."""
+    if loaded.classes is None:
+        raise NeurostoreError(
+            f"--model {loaded.name}: not a sequence classifier (its config names no ...ForSequenceClassification)"
+        )
+    missing = sum(label is None for label in corpus.labels)
+    if missing:
+        raise NeurostoreError(
+            f"{missing} of {len(corpus)} sentences have no gold label; the evaluation corpus needs one per sentence "
+            "(set the column with --label-col)"
+        )
+    index = {name: i for i, name in enumerate(loaded.classes)}
+    unknown = sorted({label for label in corpus.labels if label not in index})
+    if unknown:
+        raise NeurostoreError(
+            f"gold label {unknown[0]!r} is not a label of the model (model labels: {', '.join(loaded.classes)})"
+        )
+    limit = max_length or loaded.max_length()
+    if limit > loaded.max_length():
+        raise NeurostoreError(f"--max-length {limit}: the model accepts at most {loaded.max_length()} tokens")
+    ids, truncated = batching.tokenize(loaded.tokenizer, corpus.texts, limit)
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    return EvalSet(
+        ids=ids,
+        batches=batching.plan_batches(lengths, max_batch_tokens),
+        gold=np.array([index[label] for label in corpus.labels], dtype=np.int64),
+        langs=list(corpus.langs),
+        classes=list(loaded.classes),
+        n_truncated=int(truncated.sum()),
+    )
+
+
+def predict(
+    loaded: M.LoadedModel,
+    data: EvalSet,
+    dtype: torch.dtype = torch.float32,
+    spec: Intervention | None = None,
+    *,
+    module_pattern: str | None = None,
+) -> np.ndarray:
+    """Logits ``[n_sentences, n_classes]`` (float32, corpus order), with ``spec``'s hooks if given."""
+    logits = np.zeros((len(data.ids), len(data.classes)), dtype=np.float32)
+    hooks = intervention(loaded, spec, module_pattern=module_pattern) if spec is not None else contextlib.nullcontext(None)
+    with hooks as state, torch.inference_mode(), M.autocast(loaded.device, dtype):
+        for batch in data.batches:
+            ids, mask = batching.pad([data.ids[i] for i in batch], loaded.pad_id, loaded.device)
+            if state is not None:
+                state.set_mask(mask)
+            out = loaded.model(input_ids=ids, attention_mask=mask)
+            logits[batch] = out.logits.float().cpu().numpy()
+    return logits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def metrics(
+    gold: np.ndarray,
+    logits: np.ndarray,
+    classes: Sequence[str],
+    *,
+    langs: Sequence[str | None] | None = None,
+    target: str | None = None,
+) -> dict:
+    """Accuracy, macro-F1 (over the labels present in ``gold``), per-label accuracy (recall).
+
+    With ``langs``: accuracy per language. With a ``target`` that is a class: the share of
+    sentences predicted as the target and the mean probability of the target.
+    """
+    pred = logits.argmax(axis=-1)
+    out: dict[str, Any] = {"accuracy": float(np.mean(pred == gold)) if len(gold) else float("nan")}
+    per_label, f1s = {}, []
+    for c in sorted(set(gold.tolist())):
+        tp = int(np.sum((pred == c) & (gold == c)))
+        fn = int(np.sum((pred != c) & (gold == c)))
+        fp = int(np.sum((pred == c) & (gold != c)))
+        per_label[classes[c]] = tp / (tp + fn)
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    out["macro_f1"] = float(np.mean(f1s)) if f1s else float("nan")
+    out["per_label"] = per_label
+    if langs is not None and any(lang is not None for lang in langs):
+        names = sorted({lang for lang in langs if lang is not None})
+        lang_arr = np.array([lang if lang is not None else "" for lang in langs], dtype=object)
+        out["per_lang"] = {lang: float(np.mean(pred[lang_arr == lang] == gold[lang_arr == lang])) for lang in names}
+    if target is not None and target in classes:
+        t = list(classes).index(target)
+        out["target_share"] = float(np.mean(pred == t))
+        out["target_prob"] = float(np.mean(softmax(logits)[:, t]))
+    return out
+
+
+def effect(base: dict, after: dict, base_logits: np.ndarray, logits: np.ndarray, target: str | None) -> dict:
+    """Drops relative to the baseline (positive = worse); self vs cross on the target's label or language."""
+    out: dict[str, Any] = {
+        "accuracy_drop": base["accuracy"] - after["accuracy"],
+        "macro_f1_drop": base["macro_f1"] - after["macro_f1"],
+        "changed": float(np.mean(base_logits.argmax(-1) != logits.argmax(-1))) if len(logits) else 0.0,
+        "self_drop": None,
+        "cross_drop": None,
+        "by": None,
+    }
+    for key in ("per_label", "per_lang"):
+        groups = base.get(key) or {}
+        if target is not None and target in groups:
+            others = [g for g in groups if g != target]
+            out["by"] = "label" if key == "per_label" else "lang"
+            out["self_drop"] = groups[target] - after[key][target]
+            out["cross_drop"] = (
+                float(np.mean([groups[g] - after[key][g] for g in others])) if others else None
+            )
+            break
+    if "target_share" in base:
+        out["toward_target"] = after["target_share"] - base["target_share"]
+        out["target_prob_change"] = after["target_prob"] - base["target_prob"]
+    return out
+
+
+def _spread(values: list[float | None]) -> dict | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    arr = np.asarray(vals, dtype=np.float64)
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+    }
+
+
+def summarise_controls(controls: list[dict]) -> dict:
+    """Mean and spread over the controls of every number a result holds."""
+    if not controls:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("accuracy", "macro_f1", "target_share", "target_prob"):
+        if key in controls[0]:
+            out[key] = _spread([c[key] for c in controls])
+    for key in ("per_label", "per_lang"):
+        if key in controls[0]:
+            out[key] = {g: _spread([c[key][g] for c in controls]) for g in controls[0][key]}
+    out["effect"] = {
+        k: _spread([c["effect"][k] for c in controls])
+        for k, v in controls[0]["effect"].items()
+        if k != "by"
+    }
+    return out
+
+
+def stat_rows(store: Any, positions: str) -> str:
+    """The store rows whose statistics match what the hooks overwrite: every token for
+    ``positions="all"``, the pooled first/last vectors for ``"first"``/``"last"``."""
+    pools = list(store.meta.get("pool") or [])
+    wanted = "tokens" if positions == "all" else positions
+    if wanted == "tokens" and store.meta.get("tokens"):
+        return "tokens"
+    if wanted in pools:
+        return wanted
+    fallback = "tokens" if store.meta.get("tokens") else (pools[0] if pools else None)
+    if fallback is None:
+        raise NeurostoreError("--stats: the store holds neither token rows nor pooled vectors")
+    warnings.warn(
+        f"--stats holds no {wanted} rows for --positions {positions}; using its {fallback} rows instead",
+        UserWarning,
+        stacklevel=2,
+    )
+    return fallback
+
+
+def group_statistic(
+    store: Any, site: str, layers: Sequence[int], of: str, stat: str, *, rows: str | None = None
+) -> dict[int, np.ndarray]:
+    """``{layer: per-neuron stat}`` of group ``of`` (``NAME``, or ``label:NAME``, ``lang:NAME``, ``pred:NAME``).
+
+    Read through ``neurostore.query.group_values`` (the store's cached group statistics), imported
+    here so that ablate and gain do not need the query layer.
+    """
+    if stat not in STATS:
+        raise NeurostoreError(f"--stat {stat!r}: use one of {', '.join(STATS)}")
+    try:
+        group_values = importlib.import_module("neurostore.query").group_values
+    except (ImportError, AttributeError):
+        raise NeurostoreError(
+            "--mode set needs the query layer's group statistics (neurostore.query.group_values), "
+            "which this installation lacks"
+        ) from None
+    by, name = _group_column(store, of)
+    out = {}
+    for layer in layers:
+        kwargs = {"rows": rows} if rows else {}
+        values = np.asarray(group_values(store, site, layer, by, name, stat, **kwargs), dtype=np.float32)
+        if not np.all(np.isfinite(values)):
+            raise NeurostoreError(f"--of {of!r}: no {stat} in the store for site {site!r} layer {layer} (no rows of that group?)")
+        out[layer] = values
+    return out
+
+
+def _group_column(store: Any, of: str) -> tuple[str, str]:
+    prefix, _, rest = of.partition(":")
+    if rest and prefix in ("label", "lang", "pred"):
+        names = store.categories(prefix)
+        if rest not in names:
+            raise NeurostoreError(f"--of {of!r}: the store has no {prefix} {rest!r} (its {prefix}s: {', '.join(names)})")
+        return prefix, rest
+    found = [by for by in ("label", "lang") if of in store.categories(by)]
+    if not found:
+        raise NeurostoreError(
+            f"--of {of!r} is neither a label ({', '.join(store.categories('label')) or 'none'}) "
+            f"nor a language ({', '.join(store.categories('lang')) or 'none'}) of the store"
+        )
+    if len(found) > 1:
+        raise NeurostoreError(f"--of {of!r} is both a label and a language of the store: write label:{of} or lang:{of}")
+    return found[0], of
+
+
+def check_store(store: Any, loaded: M.LoadedModel, site: str, width: int, dtype: torch.dtype) -> None:
+    """The store was extracted at the same site width and compute dtype (warn on another model name)."""
+    spec = store.site(site)
+    if int(spec["width"]) != int(width):
+        raise NeurostoreError(
+            f"--stats: site {site!r} is {spec['width']} wide in the store but {width} wide in --model {loaded.name}"
+        )
+    stored = store.meta.get("compute_dtype")
+    name = {v: k for k, v in M.DTYPES.items()}.get(dtype)
+    if stored and name and stored != name:
+        warnings.warn(
+            f"--stats was extracted in {stored} but the intervention runs in {name}; pass --dtype {stored} "
+            "so that the statistics are on the scale of the hooked values",
+            UserWarning,
+            stacklevel=2,
+        )
+    stored_model = (store.meta.get("model") or {}).get("name")
+    if stored_model and Path(str(stored_model)).name != Path(str(loaded.name)).name:
+        warnings.warn(f"--stats was extracted from model {stored_model!r}, not {loaded.name!r}", UserWarning, stacklevel=2)
+
+
+def evaluate(
+    loaded: M.LoadedModel,
+    data: EvalSet,
+    spec: Intervention,
+    *,
+    controls: int = 0,
+    seed: int = 0,
+    width: int | None = None,
+    target: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    module_pattern: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Baseline, intervened and control runs on ``data``; the JSON-able result of ``intervene``."""
+    say = progress or (lambda _msg: None)
+    if controls and width is None:
+        raise ValueError("controls need the site width")
+
+    def run(s: Intervention | None) -> np.ndarray:
+        return predict(loaded, data, dtype, s, module_pattern=module_pattern)
+
+    def scored(logits: np.ndarray) -> dict:
+        return metrics(data.gold, logits, data.classes, langs=data.langs, target=target)
+
+    say("baseline")
+    base_logits = run(None)
+    baseline = scored(base_logits)
+    say(f"intervened ({spec.neurons.n} neurons)")
+    logits = run(spec)
+    intervened = scored(logits) | {"effect": effect(baseline, scored(logits), base_logits, logits, target)}
+    results = []
+    for i, control in enumerate(random_controls(spec.neurons, width or 0, controls, seed)):
+        say(f"control {i + 1}/{controls}")
+        c_logits = run(spec.with_neurons(control))
+        c = scored(c_logits)
+        results.append(
+            c
+            | {"effect": effect(baseline, c, base_logits, c_logits, target)}
+            | {"neurons": {str(k): v for k, v in control.layers.items()}}
+        )
+    return {
+        "model": loaded.name,
+        "mode": spec.mode,
+        "alpha": spec.alpha if spec.mode == "gain" else None,
+        "positions": spec.positions,
+        "target": target,
+        "n_sentences": len(data.ids),
+        "n_truncated": data.n_truncated,
+        "seed": seed,
+        "neurons": spec.neurons.describe() | {"layers": {str(k): v for k, v in spec.neurons.layers.items()}},
+        "baseline": baseline,
+        "intervened": intervened,
+        "controls": results,
+        "controls_summary": summarise_controls(results),
+    }
