@@ -331,7 +331,7 @@ def _gather(
     real = flat_mask.nonzero().squeeze(1)
     lengths = mask.sum(1)
     batch = torch.arange(mask.shape[0], device=mask.device)
-    weights = (mask / lengths[:, None]).unsqueeze(-1).float()  # [B, S, 1]
+    weights = (mask / lengths[:, None]).float().unsqueeze(1)  # [B, 1, S]: mean pooling as one matmul
     tokens, pooled = {}, {}
     for name, layers in layers_of.items():
         width = layers[0].shape[-1]
@@ -348,7 +348,7 @@ def _gather(
                 elif pool == "last":
                     out[:, j] = h[batch, lengths - 1]
                 else:
-                    out[:, j] = (h.float() * weights).sum(1)
+                    out[:, j] = torch.bmm(weights, h.float()).squeeze(1)
             pooled[f"{name}/{pool}"] = out
     return tokens, pooled
 
