@@ -325,6 +325,7 @@ def _run(finals: list, scheduler: Any, workers: int | None) -> list:
             from distributed import Client
         except ImportError:
             raise NeurostoreError("--scheduler needs the 'distributed' package (pip install 'neurostore[distributed]')") from None
+        _probe(scheduler)
         try:
             client = Client(scheduler, timeout="10s", set_as_default=False)
         except (OSError, TimeoutError) as err:
@@ -334,6 +335,20 @@ def _run(finals: list, scheduler: Any, workers: int | None) -> list:
         finally:
             client.close()
     return list(scheduler.compute(finals, sync=True))
+
+
+def _probe(address: str) -> None:
+    """Fail fast, in one line, when nothing listens at a tcp:// scheduler address."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(address if "://" in address else f"tcp://{address}")
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        return  # other protocols (tls://, inproc://, ucx://): let distributed judge
+    try:
+        socket.create_connection((url.hostname, url.port), timeout=5).close()
+    except OSError as err:
+        raise NeurostoreError(f"--scheduler {address}: cannot connect ({err.strerror or err})") from None
 
 
 def _assemble(sel: Selection, lang_names: list[str], by_names: list[str], results: list[dict], quantiles: bool) -> GroupMoments:
