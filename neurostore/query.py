@@ -556,24 +556,30 @@ def top_examples(
     found = mo.top_rows(store, sel, neuron, k, keep_docs, scheduler=scheduler, workers=workers)
     label_codes, lang_codes = store.doc_column("label"), store.doc_column("lang")
     labels, langs = store.categories("label"), store.categories("lang")
-    texts = store.doc_column("text")
-    out = []
     starts = store.doc_column("token_start") if rows == "tokens" else None
-    token_ids = None
-    for row, value in found:
-        if rows == "tokens":
-            doc = int(np.searchsorted(starts, row, side="right") - 1)
-            if token_ids is None:
-                token_ids = store.token_column("token_id")
-            pos, tid = int(row - starts[doc]), int(token_ids[row])
-        else:
-            doc, pos, tid = int(row), None, None
+    docs = [int(np.searchsorted(starts, row, side="right") - 1) if rows == "tokens" else int(row) for row, _ in found]
+    texts = _pick_rows(store, "docs/text", "committed_docs", docs)  # only the k rows, never a whole column
+    token_ids = _pick_rows(store, "tokens/token_id", "committed_tokens", [row for row, _ in found]) if rows == "tokens" else None
+    out = []
+    for i, ((row, value), doc) in enumerate(zip(found, docs)):
+        pos = int(row - starts[doc]) if rows == "tokens" else None
+        tid = int(token_ids[i]) if rows == "tokens" else None
         out.append(Example(
             int(row), doc, float(value),
             langs[lang_codes[doc]] if lang_codes[doc] >= 0 else mo.MISSING,
             labels[label_codes[doc]] if label_codes[doc] >= 0 else mo.MISSING,
-            str(texts[doc]), pos, tid,
+            str(texts[i]), pos, tid,
         ))
+    return out
+
+
+def _pick_rows(store: Store, name: str, rows_key: str, indices: Sequence[int]) -> list:
+    """Values of a 1-D table at global row ``indices`` (over all parts), read row by row."""
+    bounds = np.cumsum([0] + [m[rows_key] for m in store.metas])
+    out = []
+    for index in indices:
+        p = int(np.searchsorted(bounds, index, side="right") - 1)
+        out.append(store.groups[p][name][int(index - bounds[p])])
     return out
 
 

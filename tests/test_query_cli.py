@@ -143,6 +143,13 @@ def test_several_part_stores_as_one(tmp_path):
     b = make_store(str(tmp_path / "p1.zarr"), n_docs=30, seed=2, part=[1, 2])
     both = as_json("stats", b.path, a.path, "--no-quantiles")
     assert np.array(both["count"]).sum() == (a.label >= 0).sum() + (b.label >= 0).sum()
+    ex = json.loads(run("top-examples", a.path, b.path, "--neuron", "4", "--k", "6", "--format", "json").stdout)["examples"]
+    acts = np.concatenate([a.acts["resid"][:, 2, 4], b.acts["resid"][:, 2, 4]]).astype(np.float64)
+    assert [e["row"] for e in ex] == np.lexsort((np.arange(len(acts)), -acts))[:6].tolist()
+    texts, doc_of = a.texts + b.texts, np.concatenate([a.doc_of_token, b.doc_of_token + 30])
+    starts = np.concatenate([[0], np.cumsum(np.concatenate([a.n_tokens, b.n_tokens]))])
+    for e in ex:
+        assert e["doc"] == doc_of[e["row"]] and e["text"] == texts[e["doc"]] and e["position"] == e["row"] - starts[e["doc"]]
 
 
 def test_plots(synth, tmp_path):
