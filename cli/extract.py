@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.progress import (
@@ -82,7 +82,7 @@ def extract_command(
     on CUDA) and written in corpus order, padding stripped, with their labels and languages. Safe
     to kill: --resume continues where it stopped, without losing or repeating a sentence.
     """
-    from neurostore.extract import ExtractOptions, extract, parse_part
+    from neurostore.extract import ExtractOptions, parse_part
 
     paths = [str(p) for p in corpus] if corpus else [str(SAMPLE_CORPUS)]
     pool_list = _split(pool)
@@ -103,6 +103,23 @@ def extract_command(
         device=device,
     )
     corpus_options = dict(fmt=fmt, text_col=text_col, label_col=label_col, lang_col=lang_col, lang=lang)
+    run_extract(paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite, quiet=quiet)
+
+
+def run_extract(
+    paths: list[str],
+    out: str,
+    *,
+    model: Optional[str],
+    options: "Any",
+    corpus_options: Optional[dict] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> None:
+    """Run an extraction under a progress bar (sentences, tokens/s, MB/s, ETA) and print the summary."""
+    from neurostore.extract import extract
+
     progress = Progress(
         TextColumn("[bold]extract"),
         BarColumn(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cli import demo as demo_cli
 from cli import extract as extract_cli
 from cli import intervene as intervene_cli
 from cli import plot as plot_cli
@@ -13,6 +14,7 @@ app = typer.Typer(
     name="neurostore",
     help=(
         "Neuron-level activation statistics for transformers over large multilingual corpora.\n\n"
+        "demo: the whole study on the sample corpus. "
         "extract: stream activations of every layer and token into a Zarr store. "
         "info: what a store holds. query: out-of-core statistics (variance, correlation, polyglot "
         "neurons, LAPE, selectors). plot: figures from query results. intervene: ablate, set or "
@@ -26,6 +28,7 @@ extract_cli.register(app)
 app.add_typer(query_cli.app, name="query")
 app.add_typer(plot_cli.app, name="plot")
 intervene_cli.register(app)
+demo_cli.register(app)
 
 
 if __name__ == "__main__":
