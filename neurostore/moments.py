@@ -52,12 +52,15 @@ CACHE_VERSION = 1
 # oversubscribe the CPUs and memory. A task reads a single chunk, so inside tasks zarr gets a couple
 # of concurrent requests (shard index + chunk) and one codec thread: parallelism comes from Dask only.
 ZARR_TASK_CONFIG = {"async.concurrency": 2, "threading.max_workers": 1}
+# Local passes set it for their duration only (the caller's process gets its own settings back);
+# a distributed worker process sets it once, at its first task.
 _configured = False
+_local_passes = 0
 
 
 def _configure_zarr() -> None:
     global _configured
-    if not _configured:
+    if not _configured and not _local_passes:
         import zarr
 
         zarr.config.set(ZARR_TASK_CONFIG)
@@ -318,8 +321,15 @@ def _run(finals: list, scheduler: Any, workers: int | None) -> list:
     import dask
 
     if scheduler is None:
-        _configure_zarr()
-        return list(dask.compute(*finals, scheduler="threads", num_workers=workers or os.cpu_count() or 1))
+        import zarr
+
+        global _local_passes
+        _local_passes += 1
+        try:
+            with zarr.config.set(ZARR_TASK_CONFIG):
+                return list(dask.compute(*finals, scheduler="threads", num_workers=workers or os.cpu_count() or 1))
+        finally:
+            _local_passes -= 1
     if isinstance(scheduler, str):
         try:
             from distributed import Client
