@@ -6,6 +6,7 @@ torch and transformers are imported inside the command, so `neurostore --help` s
 from __future__ import annotations
 
 import enum
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,6 +94,14 @@ def intervene_command(
     loaded = M.load(model, dev)
     if loaded.classes is None:
         raise NeurostoreError(f"--model {model}: not a sequence classifier (its config names no ...ForSequenceClassification)")
+    pooled = iv.pooled_position(loaded)
+    if positions is not Positions.all and positions.value != pooled:
+        warnings.warn(
+            f"--positions {positions.value}: a {loaded.model_type} classifier reads the {pooled} token; "
+            f"use --positions {pooled} to act at the pooled position",
+            UserWarning,
+            stacklevel=2,
+        )
     site_info = M.resolve_sites(loaded, [neuron_set.site], None, module_pattern)[neuron_set.site]
     iv.check_neuron_set(neuron_set, site_info.layers, site_info.width)
     data = iv.prepare(loaded, texts, max_length=max_length, max_batch_tokens=max_batch_tokens)

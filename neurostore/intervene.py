@@ -54,6 +54,8 @@ MODES = ("ablate", "set", "gain")
 POSITIONS = ("all", "first", "last")
 STATS = ("mean", "p10", "p90")
 SITES = ("resid", "mlp")
+# Families whose sequence classifier pools the last real token (the others pool the first).
+POOL_LAST = {"gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +393,11 @@ def intervention(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def pooled_position(loaded: M.LoadedModel) -> str:
+    """Where the classifier head reads: ``"last"`` for decoder families, ``"first"`` otherwise."""
+    return "last" if loaded.model_type in POOL_LAST else "first"
 
 
 # ----------------------------------------------------------------------------------------------

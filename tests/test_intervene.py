@@ -426,8 +426,9 @@ def test_cli_json_table_and_plot(dependent, tmp_path):
     assert far.exit_code == 2 and "out of range" in far.output
 
 
-def test_user_errors(dependent, tmp_path, tiny_models):
+def test_user_errors(dependent, tmp_path, tiny_models, classifiers):
     loaded = M.load(str(dependent), CPU)
+    assert (iv.pooled_position(loaded), iv.pooled_position(classifiers["gpt2"])) == ("first", "last")
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"text": "the casa", "label": "surprise"}) + "\n")
     with pytest.raises(NeurostoreError, match="gold label 'surprise' is not a label of the model.*neutral, joy"):
@@ -469,3 +470,36 @@ def test_set_reads_group_statistics_through_the_query_layer(monkeypatch):
     monkeypatch.setitem(sys.modules, "neurostore.query", types.SimpleNamespace())
     with pytest.raises(NeurostoreError, match="needs the query layer"):
         iv.group_statistic(store, "mlp", [0], "joy", "mean")
+
+
+def test_set_to_a_group_statistic_from_a_real_store(dependent, tmp_path):
+    """Extract the constructed model's activations, then write sadness's P90 of the neuron at the
+    pooled position: every neutral sentence turns to sadness; random controls move nothing."""
+    from typer.testing import CliRunner
+    import typer
+
+    import neurostore
+    from cli import intervene as intervene_cli
+    from neurostore import query
+    from neurostore.extract import ExtractOptions, extract
+
+    store = tmp_path / "acts.zarr"
+    extract([str(dependent / "eval.jsonl")], str(store), model=str(dependent),
+            options=ExtractOptions(sites=["mlp"], pool=["first"], store_dtype="float32", device="cpu"))
+    p90 = query.group_values(neurostore.open(str(store)), "mlp", LAYER, "label", "sadness", "p90", rows="first")
+    assert p90[NEURON] > 1.0  # the neuron fires on sadness sentences
+
+    app = typer.Typer()
+    intervene_cli.register(app)
+    app.callback()(lambda: None)
+    res = CliRunner().invoke(app, [
+        "intervene", str(dependent / "eval.jsonl"), "--model", str(dependent), "--neurons", f"{LAYER}:{NEURON}",
+        "--site", "mlp", "--target", "sadness", "--mode", "set", "--stat", "p90", "--of", "sadness",
+        "--stats", str(store), "--positions", "first", "--controls", "2", "--device", "cpu", "--format", "json",
+    ])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["stat"], out["of"], out["stat_rows"]) == ("p90", "sadness", "first")
+    assert out["intervened"]["per_label"] == {"neutral": 0.0, "sadness": 1.0}
+    assert out["intervened"]["effect"]["toward_target"] == 0.5
+    assert all(c["effect"]["toward_target"] == 0.0 for c in out["controls"])
