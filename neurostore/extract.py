@@ -270,6 +270,9 @@ def extract(
     writer = Writer(group, meta, token_start, start_doc, on_batch=on_batch)
     try:
         _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, windows[first_window:], first_window, writer)
+    except OSError as err:  # disk full, permissions, a lost mount: the user's to fix, then resume
+        writer.abort()
+        raise NeurostoreError(f"{out}: writing failed ({err}); fix it and continue with --resume") from None
     except BaseException:
         writer.abort()  # the window in flight is not committed: a resume redoes it
         raise

@@ -218,3 +218,13 @@ def test_truncation_counted(tiny_models, tmp_path):
     starts = s.doc_column("token_start")
     for i in range(len(texts)):
         assert rel_err(resid[starts[i] : starts[i] + lengths[i]], ref["resid"][i]) < 1e-5
+
+
+def test_fsspec_url_store(tiny_models, tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", 12, seed=9)
+    local, remote = tmp_path / "local.zarr", "memory://neurostore-test/s.zarr"
+    for out in (str(local), remote):
+        extract([str(corpus)], out, model=str(tiny_models["gpt2"]), options=ExtractOptions(sites=["mlp"], device="cpu"))
+    a, b = neurostore.open(str(local)), neurostore.open(remote)
+    assert b.complete and np.array_equal(np.asarray(a.acts("mlp")), np.asarray(b.acts("mlp")))
+    assert np.array_equal(a.doc_column("text"), b.doc_column("text"))
