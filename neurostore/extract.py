@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, batching, models
 from . import store as st
-from .corpus import Corpus, categories, read_corpus
+from .corpus import categories, read_corpus
 from .errors import NeurostoreError
 from .writer import Batch, WindowEnd, Writer, plan_windows
 

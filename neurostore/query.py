@@ -597,44 +597,7 @@ def neuron_set_from_json(obj: dict, group: str | None = None) -> tuple[str, dict
     - ``select``: ``group`` = a group name (no group -> the union).
     Raises :class:`NeurostoreError` if the object is not one of these or the group is unknown.
     """
-    if not isinstance(obj, dict) or "site" not in obj:
-        raise NeurostoreError("neuron set: not a neurostore query JSON object (no 'site' key)")
-    site = obj["site"]
-    out: dict[int, set[int]] = {}
+    from .neurons import neuron_set_from_json as parse
 
-    def add(layer: int, neuron: int) -> None:
-        out.setdefault(int(layer), set()).add(int(neuron))
-
-    def pick(mapping: dict, what: str) -> list:
-        if group is None:
-            return [v for vs in mapping.values() for v in vs]
-        if group not in mapping:
-            raise NeurostoreError(f"neuron set: {what} has no group {group!r} (groups: {', '.join(mapping)})")
-        return mapping[group]
-
-    if "selected" in obj:
-        for layer, neuron, _ in pick(obj["selected"], "select output"):
-            add(layer, neuron)
-    elif "neurons" in obj and "filter_rate" in obj:
-        for layer, neuron in pick(obj["neurons"], "lape output"):
-            add(layer, neuron)
-    elif "polyglot" in obj:
-        layer = obj["layer"]
-        if group and "/" in group:
-            g, l = group.split("/", 1)
-            try:
-                neurons = obj["monolingual"][g][l]
-            except KeyError:
-                raise NeurostoreError(f"neuron set: polyglot output has no monolingual group {group!r}") from None
-        else:
-            neurons = pick(obj["polyglot"], "polyglot output")
-        for neuron in neurons:
-            add(layer, neuron)
-    elif "variance" in obj and "top" in obj:
-        top = obj["top"]
-        items = pick(top, "variance output") if isinstance(top, dict) else top
-        for neuron, _ in items:
-            add(obj["layer"], neuron)
-    else:
-        raise NeurostoreError("neuron set: this JSON holds no neuron set (use variance, polyglot, lape or select output)")
-    return site, {layer: sorted(v) for layer, v in sorted(out.items())}
+    neurons = parse(obj, group, source="the query JSON")
+    return neurons.site, neurons.layers

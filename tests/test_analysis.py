@@ -262,7 +262,7 @@ def test_neuron_set_from_json(store):
     assert q.neuron_set_from_json(lp, "en")[0] == "mlp"
     with pytest.raises(NeurostoreError, match="no neuron set"):
         q.neuron_set_from_json(q.correlate(store, "mlp", 0).to_json())
-    with pytest.raises(NeurostoreError, match="no group 'love'"):
+    with pytest.raises(NeurostoreError, match="'love' is not in the query JSON"):
         q.neuron_set_from_json(s, "love")
 
 

@@ -37,7 +37,7 @@ def synth(tmp_path_factory):
 @pytest.mark.parametrize("rows", ["tokens", "mean", "first"])
 def test_moments_match_numpy(synth, rows):
     s = neurostore.open(synth.path)
-    arr = s.groups[0][f"acts/resid" if rows == "tokens" else f"pooled/resid/{rows}"]
+    arr = s.groups[0]["acts/resid" if rows == "tokens" else f"pooled/resid/{rows}"]
     n_rows = s.n_tokens if rows == "tokens" else s.n_docs
     assert n_rows // arr.chunks[0] >= 4, "the test store must span several chunks"
     mom = mo.compute(s, mo.Selection("resid", (0, 2), rows, "label"), workers=2)
