@@ -83,8 +83,8 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    table = Table(title=title, title_justify="left")
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], header: bool = True) -> None:
+    table = Table(title=title, title_justify="left", show_header=header)
     for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:

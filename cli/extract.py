@@ -204,7 +204,7 @@ def info_command(
             ("on disk", _fmt_bytes(info["disk_bytes"])),
             ("compression", f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?"),
         ]
-        print_table("store", ["", ""], rows)
+        print_table("store", ["", ""], rows, header=False)
         print_table("sites", ["site", "layers", "n_layers", "width"], [(s, v["layers"], v["n_layers"], v["width"]) for s, v in info["sites"].items()])
         for column, counts in info["counts"].items():
             if counts:
