@@ -1,6 +1,6 @@
 """Shared helpers: machine description, peak RSS, raw disk bandwidth, child runs, statistics.
 
-Every measured row runs in a fresh child process so that its peak RSS (``ru_maxrss`` of that
+Every measured row runs in a fresh child process so that its peak RSS (``VmHWM`` of that
 process, read by the child itself at the end) belongs to that row alone.
 """
 
@@ -29,7 +29,17 @@ def now_stamp() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    ``VmHWM`` from ``/proc/self/status``: it belongs to this program's own address space. (Linux
+    carries ``ru_maxrss`` over from the parent across fork + exec, so a child started by a big
+    parent would report the parent's peak; ``ru_maxrss`` is only the fallback off Linux.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -4,7 +4,7 @@
     python -m benchmarks.extract --quick    # CI-sized (MiniLM only, ~200 sentences, 1 repeat)
 
 Every row runs in a fresh child process (its own peak RSS, read by the child from
-``ru_maxrss``), on the same model, the same corpus and float32 compute, with the same torch
+``VmHWM``), on the same model, the same corpus and float32 compute, with the same torch
 thread count. Repeats are interleaved (A B C ... A B C ...) and ratios are taken within a repeat,
 so a slow moment of the machine hits every row alike. Times cover reading the corpus,
 tokenising, forward passes and writing; the model is loaded (and warmed up with one forward)
@@ -35,7 +35,8 @@ LABELS = {
     "usual": "usual loop (32 in corpus order, padded np.save)",
     "careful": "careful loop (32 length-sorted, padding stripped)",
     "neurox": "NeuroX extract_representations (hdf5)",
-    "ns_resid_4x": "neurostore resid, 4x corpus",
+    "ns_resid_scale_1x": "neurostore resid, RSS corpus 1x",
+    "ns_resid_scale_4x": "neurostore resid, RSS corpus 4x",
 }
 BATCH = 32
 
@@ -248,8 +249,6 @@ def row_neurox(loaded, corpus: Path, out: Path, a) -> dict:
 
 
 def child(a) -> None:
-    import resource
-
     import numpy as np
     import torch
 
@@ -263,13 +262,13 @@ def child(a) -> None:
         loaded.model(input_ids=torch.full((8, 32), 1000), attention_mask=torch.ones(8, 32, dtype=torch.long))
     out = Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
-    fn = globals()[f"row_{a.child.removesuffix('_4x')}"]
+    fn = globals()[f"row_{a.child}"]
     rss_before = common.peak_rss_mb()
     t0 = time.perf_counter()
     info = fn(loaded, Path(a.corpus), out, a)
     seconds = time.perf_counter() - t0
     info.update(seconds=seconds, load_seconds=load_s, peak_rss_mb=common.peak_rss_mb(), rss_before_mb=rss_before,
-                threads=torch.get_num_threads(), maxrss_self_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                threads=torch.get_num_threads())
     info["disk_bytes"] = common.dir_bytes(Path(info["disk_path"])) if info.get("disk_path") else 0
     if info.get("store"):  # leave a store that can be queried: prove it
         import neurostore
@@ -314,7 +313,7 @@ def run_rows(model_name: str, model_path: Path, corpus: Path, rows: list[str], r
 
 
 def summarise(results: list[dict], model_name: str) -> dict:
-    mine = [r for r in results if r["model"] == model_name]
+    mine = [r for r in results if r["model"] == model_name and "scale" not in r["row"]]
     rows = sorted({r["row"] for r in mine}, key=lambda x: list(LABELS).index(x))
     bare = {r["repeat"]: r["tokens_per_s"] for r in mine if r["row"] == "bare" and r["ok"]}
     out = {}
@@ -406,13 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.extract", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run: MiniLM only, small corpus, one repeat (under 2 minutes).")
     p.add_argument("--models", default=None, help="Comma-separated: minilm, xlmr-base. Default: both (quick: minilm).")
-    p.add_argument("--docs", type=int, default=None, help="Documents for MiniLM (default 1200; quick 96).")
-    p.add_argument("--xlmr-docs", type=int, default=None, help="Documents for the XLM-R-base-sized model (default 120).")
+    p.add_argument("--docs", type=int, default=None, help="Documents for MiniLM (default 300; quick 96).")
+    p.add_argument("--xlmr-docs", type=int, default=None, help="Documents for the XLM-R-base-sized model (default 40).")
     p.add_argument("--repeats", type=int, default=None, help="Interleaved repeats per row (default 3 for MiniLM, 2 for XLM-R; quick 1).")
     p.add_argument("--rows", default=",".join(ROWS), help="Rows to run, comma-separated.")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every row (default: all cores).")
     p.add_argument("--batch-tokens", type=int, default=8192, help="Padded tokens per batch for neurostore and the bare forward (neurostore's CPU default).")
-    p.add_argument("--no-scale", action="store_true", help="Skip the 4x-corpus peak-RSS row.")
+    p.add_argument("--no-scale", action="store_true", help="Skip the 1x/4x-corpus peak-RSS rows.")
+    p.add_argument("--scale-docs", type=int, default=None, help="Documents of the 1x corpus of the peak-RSS rows (default 1200, more than one 256 MB window; quick: --docs).")
     p.add_argument("--work", default=None, help="Scratch folder for corpora, models and outputs (default: a temporary folder).")
     p.add_argument("--results", default=str(common.RESULTS), help="Folder for the results JSON.")
     # internal: one row in a child process
@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     model_names = (a.models or ("minilm" if a.quick else "minilm,xlmr-base")).split(",")
-    docs = a.docs or (96 if a.quick else 1200)
-    xdocs = a.xlmr_docs or (40 if a.quick else 120)
+    docs = a.docs or (96 if a.quick else 300)
+    xdocs = a.xlmr_docs or (40 if a.quick else 40)
     rows = [r for r in a.rows.split(",") if r]
     try:
         import neurox  # noqa: F401
@@ -463,24 +463,27 @@ def main(argv: list[str] | None = None) -> int:
     scale = None
     if not a.no_scale and "ns_resid" in rows:
         name = model_names[0]
-        n = corpora[name]["docs"]
-        big = work / f"corpus-{name}-4x.jsonl"
-        base = Path(corpora[name]["path"]).read_text(encoding="utf-8").splitlines()
+        n = a.scale_docs or (docs if a.quick else 1200)
+        small = make_corpus(work / f"corpus-{name}-scale-1x.jsonl", n, seed=1)
+        big = work / f"corpus-{name}-scale-4x.jsonl"
+        base = small.read_text(encoding="utf-8").splitlines()
         shuffled = []
         for seed in range(4):  # four shuffled copies of the same corpus
             copy = list(base)
             random.Random(seed).shuffle(copy)
             shuffled += copy
         big.write_text("\n".join(shuffled) + "\n", encoding="utf-8")
-        print(f"{name}: peak RSS at 4x corpus ({4 * n} documents)", flush=True)
+        print(f"{name}: peak RSS of neurostore resid at 1x ({n}) and 4x ({4 * n}) documents", flush=True)
+        r1 = run_rows(name, paths[name], small, ["ns_resid"], 1, a, work)
         r4 = run_rows(name, paths[name], big, ["ns_resid"], 1, a, work)
-        for r in r4:
-            r["row"] = "ns_resid_4x"
-        results += r4
-        one = [r for r in results if r["model"] == name and r["row"] == "ns_resid" and r["ok"]]
-        if r4[0]["ok"] and one:
-            scale = {"model": name, "rss_1x_mb": common.spread([r["peak_rss_mb"] for r in one])["median"], "rss_4x_mb": r4[0]["peak_rss_mb"],
-                     "tokens_1x": one[0]["tokens"], "tokens_4x": r4[0]["tokens"], "tokens_per_s_4x": r4[0]["tokens_per_s"]}
+        for r, tag in ((r1[0], "ns_resid_scale_1x"), (r4[0], "ns_resid_scale_4x")):
+            r["row"] = tag
+        results += r1 + r4
+        if r1[0]["ok"] and r4[0]["ok"]:
+            scale = {"model": name, "docs_1x": n, "rss_1x_mb": r1[0]["peak_rss_mb"], "rss_4x_mb": r4[0]["peak_rss_mb"],
+                     "tokens_1x": r1[0]["tokens"], "tokens_4x": r4[0]["tokens"],
+                     "tokens_per_s_1x": r1[0]["tokens_per_s"], "tokens_per_s_4x": r4[0]["tokens_per_s"],
+                     "disk_bytes_1x": r1[0]["disk_bytes"], "disk_bytes_4x": r4[0]["disk_bytes"], "buffer_mb": 256}
     summary = {name: summarise(results, name) for name in model_names}
     bandwidth = {}
     for name in model_names:
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.extract " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": common.machine(work, a.threads),
         "settings": {"threads": a.threads, "batch_tokens": a.batch_tokens, "compute_dtype": "float32", "store_dtype": "float16",
-                     "usual_batch": BATCH, "rss": "ru_maxrss of a fresh child process per row (includes the loaded model)",
+                     "usual_batch": BATCH, "rss": "VmHWM (peak RSS) of a fresh child process per row, read by the child at its end (includes the loaded model)",
                      "timing": "corpus read + tokenise + forward + write; model load and one warm-up forward excluded for every row"},
         "corpora": corpora,
         "summary": summary,

