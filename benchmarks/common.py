@@ -169,7 +169,7 @@ def run_child(args: list[str], env: dict | None = None, timeout: float | None = 
     result_file.unlink(missing_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", *args], cwd=ROOT, env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout, check=False,
     )
     if proc.returncode != 0 or not result_file.exists():
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])

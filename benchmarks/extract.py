@@ -99,12 +99,13 @@ def _payload(n_values: int) -> int:
 
 
 def row_bare(loaded, corpus: Path, out: Path, a) -> dict:
+    import numpy as np
     import torch
 
     from neurostore import batching
 
     ids, _ = batching.tokenize(loaded.tokenizer, texts_of(corpus), loaded.max_length())
-    lengths = __import__("numpy").array([len(x) for x in ids])
+    lengths = np.array([len(x) for x in ids])
     with torch.inference_mode():
         for docs in batching.plan_batches(lengths, a.batch_tokens):
             x, mask = batching.pad([ids[i] for i in docs], loaded.pad_id, loaded.device)
@@ -425,17 +426,16 @@ def main(argv: list[str] | None = None) -> int:
 
     a.threads = a.threads or os.cpu_count() or 1
     if a.child:
-        a.work = a.work
         child(a)
         return 0
 
     model_names = (a.models or ("minilm" if a.quick else "minilm,xlmr-base")).split(",")
     docs = a.docs or (96 if a.quick else 300)
-    xdocs = a.xlmr_docs or (40 if a.quick else 40)
+    xdocs = a.xlmr_docs or 40
     rows = [r for r in a.rows.split(",") if r]
     try:
-        import neurox  # noqa: F401
         import h5py  # noqa: F401
+        import neurox  # noqa: F401
     except ImportError:
         rows = [r for r in rows if r != "neurox"]
         print("NeuroX not installed: its row is skipped (pip install neurox h5py --no-deps to include it)")

@@ -58,7 +58,7 @@ class UtilSampler:
         self.source = None
         self._proc = None
 
-    def __enter__(self) -> "UtilSampler":
+    def __enter__(self) -> UtilSampler:
         import torch
 
         try:

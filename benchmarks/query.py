@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["share_of_raw_read"] = r["mb_s"] / bw["mb_s"]
             entry["queries"].append({"query": q, "bytes_read": read, "decoded_bytes": info["n_tokens"] * a.width * layers_read * 4,
                                      "neurostore": ns, "in_memory": mem})
-            show = lambda r: (f"{r['seconds']:.2f}s {r['mb_s']:,.0f} MB/s RSS {r['peak_rss_mb']:,.0f} MiB" if r.get("ok") else r.get("error", "failed"))  # noqa: E731
+            show = lambda r: (f"{r['seconds']:.2f}s {r['mb_s']:,.0f} MB/s RSS {r['peak_rss_mb']:,.0f} MiB" if r.get("ok") else r.get("error", "failed"))
             cached = f", cached {ns['cached_seconds']:.3f}s" if ns.get("ok") else ""
             print(f"  {q:9s} neurostore {show(ns)}{cached} | in-memory {show(mem)}", flush=True)
         shutil.rmtree(path, ignore_errors=True)
