@@ -63,7 +63,7 @@ def extract_command(
     store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Stored dtype: float16, bfloat16 (kept losslessly as uint16 bits) or float32. [default: float16]", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens; truncations are counted. [default: the model's limit]", show_default=False),
-    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted. [default: 8192 on CPU, 32768 on CUDA]", show_default=False),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted. [default: 512 on CPU, 32768 on CUDA]", show_default=False),
     buffer_mb: Optional[int] = typer.Option(None, "--buffer-mb", help="Activations buffered before whole shards are written and committed. [default: 256]", show_default=False),
     module_pattern: Optional[str] = typer.Option(None, "--module-pattern", help="Glob naming the modules whose outputs are the mlp site, for architectures not known, e.g. 'encoder.layer.*.intermediate'.", show_default=False),
     part: Optional[str] = typer.Option(None, "--part", help="Extract the i-th of N equal slices of the corpus (0-based, e.g. 0/4) into its own store; query the parts together.", show_default=False),

@@ -56,9 +56,15 @@ CHUNK_BYTES = int(os.environ.get("NEUROSTORE_CHUNK_BYTES", 4 << 20))
 SHARD_BYTES = int(os.environ.get("NEUROSTORE_SHARD_BYTES", 64 << 20))
 
 
-def compressor() -> BloscCodec:
-    """Byte-shuffled zstd at level 1: activations are noisy floats, so the shuffle does the work."""
-    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
+def compressor(itemsize: int) -> BloscCodec:
+    """Bit-shuffled lz4 at level 1.
+
+    Activations are noisy floats: what compresses is the sign and exponent bits, which the
+    bitshuffle lines up. Measured on real MiniLM float16 activations (benchmarks/README.md): the
+    same ratio as zstd-1 with byte shuffle (1.08x) at 590 instead of 320-390 MB/s, and on two
+    cores compression competes with the forward pass for CPU.
+    """
+    return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=itemsize)
 
 
 def _pow2_floor(n: float) -> int:
@@ -201,7 +207,7 @@ def create(
                 chunks=(chunk, 1, width),
                 shards=(shard, n_layers, width),
                 dtype=dtype,
-                compressors=compressor(),
+                compressors=compressor(dtype.itemsize),
                 fill_value=0,
                 dimension_names=("token" if name.startswith("acts") else "doc", "layer", "neuron"),
             )
