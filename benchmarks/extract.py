@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="Interleaved repeats per row (default 3 for MiniLM, 2 for XLM-R; quick 1).")
     p.add_argument("--rows", default=",".join(ROWS), help="Rows to run, comma-separated.")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every row (default: all cores).")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="Padded tokens per batch for neurostore and the bare forward (neurostore's CPU default).")
+    p.add_argument("--batch-tokens", type=int, default=512, help="Padded tokens per batch for neurostore and the bare forward (neurostore's CPU default).")
     p.add_argument("--no-scale", action="store_true", help="Skip the 1x/4x-corpus peak-RSS rows.")
     p.add_argument("--scale-docs", type=int, default=None, help="Documents of the 1x corpus of the peak-RSS rows (default 1200, more than one 256 MB window; quick: --docs).")
     p.add_argument("--work", default=None, help="Scratch folder for corpora, models and outputs (default: a temporary folder).")
