@@ -66,7 +66,7 @@ def intervene_command(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float16, bfloat16 or float32 (autocast). [default: float16 on CUDA, float32 on CPU]", show_default=False),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens. [default: the model's limit]", show_default=False),
-    max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted."),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted. [default: 512 on CPU, 32768 on CUDA]", show_default=False),
     module_pattern: Optional[str] = typer.Option(None, "--module-pattern", help="Glob naming the modules whose outputs are the mlp site, for architectures not known.", show_default=False),
     input_format: Optional[str] = typer.Option(None, "--input-format", help="Corpus format: jsonl, csv, tsv. [default: from the extension]", show_default=False),
     text_col: str = typer.Option("text", "--text-col", help="Column holding the sentence."),

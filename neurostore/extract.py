@@ -195,9 +195,7 @@ def extract(
     elif not (1 <= opts.max_length <= limit):
         raise NeurostoreError(f"--max-length {opts.max_length}: the model accepts 1 to {limit} tokens")
     if opts.max_batch_tokens is None:
-        # On CPU small batches are fastest (benchmarks/README.md: 512 tokens ran 1.7-3.4x faster
-        # than 8192 for MiniLM and an XLM-R-base-sized model); a GPU wants large ones.
-        opts.max_batch_tokens = 32768 if device.type == "cuda" else 512
+        opts.max_batch_tokens = batching.default_batch_tokens(device)
     if opts.max_batch_tokens < 1:
         raise NeurostoreError(f"--max-batch-tokens {opts.max_batch_tokens}: must be at least 1")
 

@@ -219,7 +219,7 @@ class EvalSet:
 
 
 def prepare(
-    loaded: M.LoadedModel, corpus: Corpus, *, max_length: int | None = None, max_batch_tokens: int = 8192
+    loaded: M.LoadedModel, corpus: Corpus, *, max_length: int | None = None, max_batch_tokens: int | None = None
 ) -> EvalSet:
     """Map gold label names to the classifier's classes; tokenise and plan batches as extraction does."""
     if loaded.classes is None:
@@ -245,7 +245,7 @@ def prepare(
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     return EvalSet(
         ids=ids,
-        batches=batching.plan_batches(lengths, max_batch_tokens),
+        batches=batching.plan_batches(lengths, max_batch_tokens or batching.default_batch_tokens(loaded.device)),
         gold=np.array([index[label] for label in corpus.labels], dtype=np.int64),
         langs=list(corpus.langs),
         classes=list(loaded.classes),
