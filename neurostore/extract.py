@@ -19,7 +19,7 @@ from . import __version__, batching, models
 from . import store as st
 from .corpus import categories, read_corpus
 from .errors import NeurostoreError
-from .writer import Batch, WindowEnd, Writer, plan_windows
+from .writer import Batch, Window, Writer, plan_windows
 
 # Options that decide what is stored and how it is batched: a resume must use the same ones.
 IDENTITY = ("sites", "layers", "pool", "tokens", "dtype", "store_dtype", "max_length", "max_batch_tokens", "buffer_mb", "module_pattern", "part")
@@ -110,12 +110,11 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
             was = previous.get(key)
             if key == "part" and was is not None:
                 was = tuple(was)
-            if key == "tokens" or given is not None:
-                if given is not None and given != was:
-                    raise NeurostoreError(
-                        f"--{key.replace('_', '-')} {_show(given)} differs from the store's {_show(was)}; "
-                        "drop the option to resume, or use --overwrite to start again"
-                    )
+            if given is not None and given != was:
+                raise NeurostoreError(
+                    f"--{key.replace('_', '-')} {_show(given)} differs from the store's {_show(was)}; "
+                    "drop the option to resume, or use --overwrite to start again"
+                )
             setattr(resolved, key, was)
         return resolved
     resolved.sites = opts.sites or ["resid"]
@@ -326,7 +325,7 @@ def _run(
     with torch.inference_mode(), models.capture(hooked) as captured:
         for offset, (d0, d1) in enumerate(windows):
             t1 = int(token_start[d1]) if d1 < len(n_tokens) else total_tokens
-            window = WindowEnd(first_index + offset, (d0, d1), (int(token_start[d0]), t1))
+            window = Window(first_index + offset, (d0, d1), (int(token_start[d0]), t1))
             writer.begin_window(window)
             for docs in batching.plan_batches(n_tokens, opts.max_batch_tokens, np.arange(d0, d1)):
                 input_ids, mask = batching.pad([ids[i] for i in docs], loaded.pad_id, device, pin=cuda)

@@ -240,7 +240,7 @@ class ShardAppender:
         self.array = array
         self.rows = (array.shards or array.chunks)[0]
         self.base = (start // self.rows) * self.rows
-        self.carry = np.asarray(array[self.base:start]) if start > self.base else array.dtype.type(0) * np.zeros((0, *array.shape[1:]), array.dtype)
+        self.carry = np.asarray(array[self.base:start]) if start > self.base else np.zeros((0, *array.shape[1:]), array.dtype)
 
     @property
     def position(self) -> int:
@@ -326,7 +326,8 @@ class Store:
             )
         return layers.index(layer)
 
-    def _arrays(self, name: str, rows_key: str) -> list[zarr.Array]:
+    def _arrays(self, name: str, rows_key: str) -> list[tuple[zarr.Array, int]]:
+        """The array ``name`` of every part, with that part's committed row count."""
         out = []
         for path, group, meta in zip(self.paths, self.groups, self.metas):
             try:
@@ -360,13 +361,12 @@ class Store:
 
     def doc_column(self, name: str) -> np.ndarray:
         """A per-sentence column over all parts; offsets are shifted so they index the whole."""
-        values, doc_shift, tok_shift = [], 0, 0
+        values, tok_shift = [], 0
         for (arr, rows), meta in zip(self._arrays(f"docs/{name}", "committed_docs"), self.metas):
             v = np.asarray(arr[:rows])
             if name == "token_start":
                 v = v + tok_shift
             values.append(v)
-            doc_shift += rows
             tok_shift += meta["committed_tokens"]
         return np.concatenate(values) if values else np.zeros(0)
 

@@ -68,10 +68,19 @@ class Batch:
 
 
 @dataclass
-class WindowEnd:
+class Window:
+    """A contiguous range of sentences (and their token rows) written and committed together."""
+
     index: int
     docs: tuple[int, int]
     tokens: tuple[int, int]
+
+
+@dataclass
+class _Begin:
+    """Queue marker: the batches that follow belong to ``window``; the window itself ends it."""
+
+    window: Window
 
 
 def plan_windows(n_tokens: np.ndarray, bytes_per_token: int, bytes_per_doc: int, budget: int) -> list[tuple[int, int]]:
@@ -119,13 +128,13 @@ class Writer:
             self.doc_arrays["logits"] = st.ShardAppender(self.group["docs/logits"], self.start_doc)
             self.doc_arrays["pred"] = st.ShardAppender(self.group["docs/pred"], self.start_doc)
         self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._window: WindowEnd | None = None
+        self._window: Window | None = None
         self._thread = threading.Thread(target=self._run, name="neurostore-writer", daemon=True)
         self._thread.start()
 
     # -- called from the extraction loop ---------------------------------------------------------
 
-    def put(self, item: Batch | WindowEnd | None) -> None:
+    def put(self, item: Batch | Window | _Begin | None) -> None:
         """Hand over work; blocks while the queue is full (that is what bounds memory)."""
         while True:
             if self.error is not None:
@@ -137,18 +146,17 @@ class Writer:
                 if not self._thread.is_alive():
                     raise RuntimeError("the writer thread stopped") from self.error
 
-    def begin_window(self, window: WindowEnd) -> None:
-        self.put(("begin", window))  # type: ignore[arg-type]
+    def begin_window(self, window: Window) -> None:
+        self.put(_Begin(window))
 
-    def close(self, wait: bool = True) -> None:
+    def close(self) -> None:
         """Stop the writer after the queued work (``None`` is the end marker)."""
         if self._thread.is_alive():
             try:
                 self.put(None)
             except BaseException:  # noqa: BLE001 - the writer already failed; error is kept
                 pass
-            if wait:
-                self._thread.join()
+            self._thread.join()
         if self.error is not None:
             raise self.error
 
@@ -171,8 +179,8 @@ class Writer:
                 item = self._queue.get()
                 if item is None:
                     return
-                if isinstance(item, tuple):
-                    self._begin(item[1])
+                if isinstance(item, _Begin):
+                    self._begin(item.window)
                 elif isinstance(item, Batch):
                     self._scatter(item)
                 else:
@@ -180,7 +188,7 @@ class Writer:
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             self.error = err
 
-    def _begin(self, window: WindowEnd) -> None:
+    def _begin(self, window: Window) -> None:
         (d0, d1), (t0, t1) = window.docs, window.tokens
         self._window = window
         self._buffers = {f"tok:{k}": a.buffer(t1 - t0) for k, a in self.token_arrays.items()}
@@ -213,7 +221,7 @@ class Writer:
             self.on_batch(len(batch.docs), int(batch.lengths.sum()), nbytes)
         _fault("batch")
 
-    def _finish(self, window: WindowEnd) -> None:
+    def _finish(self, window: Window) -> None:
         for key, appender in self.token_arrays.items():
             appender.flush(self._buffers[f"tok:{key}"][0])
             _fault("flush")
