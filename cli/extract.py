@@ -59,12 +59,14 @@ def extract_command(
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to store: all, or numbers like 0,5,11 or 3-7. [default: all]", show_default=False),
     pool: Optional[str] = typer.Option(None, "--pool", help="Pooled sentence vectors to store: first, mean, last (comma-separated), or none. [default: first,mean]", show_default=False),
     no_tokens: bool = typer.Option(False, "--no-tokens", help="Store pooled vectors only, not every token."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float16, bfloat16 or float32 (autocast). [default: float16 on CUDA, float32 on CPU]", show_default=False),
-    store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Stored dtype: float16, bfloat16 (kept losslessly as uint16 bits) or float32. [default: float16]", show_default=False),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float16, bfloat16 or float32. [default: float32 on CPU; on CUDA the checkpoint's own half dtype, else float16]", show_default=False),
+    store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Stored dtype: float16, bfloat16 (kept losslessly as uint16 bits) or float32. Values float16 cannot hold are counted and reported. [default: float16]", show_default=False),
+    compression: Optional[str] = typer.Option(None, "--compression", help="Chunk compression: none, lz4 (bit-shuffled) or zstd[:LEVEL]. [default: lz4]", show_default=False),
+    writers: int = typer.Option(0, "--writers", help="Threads that compress and write shards (0: the cores less one, at most 8). Does not change the stored bytes."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens; truncations are counted. [default: the model's limit]", show_default=False),
-    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted. [default: 512 on CPU, 32768 on CUDA]", show_default=False),
-    buffer_mb: Optional[int] = typer.Option(None, "--buffer-mb", help="Activations buffered before whole shards are written and committed. [default: 256]", show_default=False),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted and at least 80% real tokens. [default: 512 on CPU; 32768 on CUDA, less where a batch's activations pass 1 GiB]", show_default=False),
+    buffer_mb: Optional[int] = typer.Option(None, "--buffer-mb", help="One window of activations, written and committed together (two are held). [default: 256 on CPU; on CUDA four batches' worth]", show_default=False),
     module_pattern: Optional[str] = typer.Option(None, "--module-pattern", help="Glob naming the modules whose outputs are the mlp site, for architectures not known, e.g. 'encoder.layer.*.intermediate'.", show_default=False),
     part: Optional[str] = typer.Option(None, "--part", help="Extract the i-th of N equal slices of the corpus (0-based, e.g. 0/4) into its own store; query the parts together.", show_default=False),
     fmt: Optional[str] = typer.Option(None, "--format", help="Corpus format: jsonl, csv, tsv or text. [default: from the extension]", show_default=False),
@@ -100,7 +102,9 @@ def extract_command(
         buffer_mb=buffer_mb,
         module_pattern=module_pattern,
         part=parse_part(part),
+        compression=compression,
         device=device,
+        writers=writers,
     )
     corpus_options = dict(fmt=fmt, text_col=text_col, label_col=label_col, lang_col=lang_col, lang=lang)
     run_extract(paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite, quiet=quiet)
@@ -158,6 +162,8 @@ def run_extract(
         console.print(f"{out}: already complete ({result.docs:,} sentences); nothing to do")
         return
     meta = result.meta
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(
         f"[green]done[/]: {result.docs:,} sentences, {result.tokens:,} tokens"
         f" ({result.truncated:,} truncated at {meta['options']['max_length']} tokens)"
@@ -199,10 +205,13 @@ def info_command(
             ("token rows", f"{info['token_rows']:,}" + ("" if info["tokens"] else " (not stored: --no-tokens)")),
             ("truncated", f"{info['truncated']:,}"),
             ("dtype", f"compute {info['compute_dtype']}, stored {info['store_dtype']}"),
+            ("non-finite", "none" if not info["nonfinite"] else "; ".join(
+                f"{name} {sum(v.values()):,} (layers {','.join(v)})" for name, v in info["nonfinite"].items())),
+            ("batches", "?" if info["real_token_share"] is None else f"{info['real_token_share']:.0%} of computed tokens real (plan v{info['plan']})"),
+            ("compression", f"{info['compression']}, " + (f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?")),
             ("pooled", ", ".join(info["pool"]) or "none"),
             ("activations", _fmt_bytes(info["activation_bytes"])),
             ("on disk", _fmt_bytes(info["disk_bytes"])),
-            ("compression", f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?"),
         ]
         print_table("store", ["", ""], rows, header=False)
         print_table("sites", ["site", "layers", "n_layers", "width"], [(s, v["layers"], v["n_layers"], v["width"]) for s, v in info["sites"].items()])

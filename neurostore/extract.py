@@ -1,8 +1,9 @@
-"""Extraction: corpus -> tokenised windows -> forward passes with hooks -> the writer.
+"""Extraction: corpus -> the batch plan -> forward passes with hooks -> gather -> the writer.
 
-The forward pass of the next batch overlaps the device-to-host copy, compression and writing of
-the previous one: on CUDA the copy runs on its own stream into pinned host memory and the writer
-waits on an event; on CPU the writer thread compresses while the model computes.
+The forward pass of the next batch overlaps the device-to-host copy, scatter, compression and
+writing of the previous ones: each batch's real tokens are gathered on the device, cast to the
+store dtype and moved (on CUDA by a side stream, into a pinned ring slot) to the writer, which
+scatters them into window buffers and writes whole shards on a pool of threads.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, batching, models
+from . import __version__, batching, models, transfer
 from . import store as st
 from .corpus import categories, read_corpus
 from .errors import NeurostoreError
-from .writer import Batch, Window, Writer, plan_windows
+from .writer import Batch, Window, Writer
 
 # Options that decide what is stored and how it is batched: a resume must use the same ones.
-IDENTITY = ("sites", "layers", "pool", "tokens", "dtype", "store_dtype", "max_length", "max_batch_tokens", "buffer_mb", "module_pattern", "part")
+IDENTITY = (
+    "sites", "layers", "pool", "tokens", "dtype", "store_dtype", "max_length", "max_batch_tokens", "buffer_mb",
+    "module_pattern", "part", "compression",
+)
+RING_SLOTS = 4
 
 
 @dataclass
@@ -33,14 +38,16 @@ class ExtractOptions:
     layers: list[int] | None = None  # default: all
     pool: list[str] | None = None  # default ["first", "mean"]
     tokens: bool | None = None  # default True
-    dtype: str | None = None  # compute dtype; default float16 on CUDA, float32 on CPU
+    dtype: str | None = None  # compute dtype; default: see models.default_dtype
     store_dtype: str | None = None  # default float16
     max_length: int | None = None  # default: the model's limit
-    max_batch_tokens: int | None = None  # padded tokens per batch; default 512 on CPU, 32768 on CUDA
-    buffer_mb: int | None = None  # window buffer; default 256
+    max_batch_tokens: int | None = None  # padded tokens per batch; default batching.default_batch_tokens
+    buffer_mb: int | None = None  # one window buffer; default batching.default_buffer_mb
     module_pattern: str | None = None
     part: tuple[int, int] | None = None
+    compression: str | None = None  # none, lz4 or zstd[:LEVEL]; default lz4
     device: str = "auto"
+    writers: int = 0  # shard writer threads; 0: writer.default_writers() (does not change the bytes)
 
 
 @dataclass
@@ -53,6 +60,8 @@ class ExtractResult:
     resumed_from: int
     already_complete: bool = False
     meta: dict = field(default_factory=dict, repr=False)
+    stages: dict = field(default_factory=dict)  # seconds per pipeline stage, ring occupancy, writers
+    warnings: list[str] = field(default_factory=list)  # e.g. values the store cast made non-finite
 
 
 def _part_range(n: int, part: tuple[int, int] | None) -> tuple[int, int]:
@@ -116,12 +125,14 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
                     "drop the option to resume, or use --overwrite to start again"
                 )
             setattr(resolved, key, was)
+        if resolved.compression is None:  # stores from before --compression
+            resolved.compression = stored.get("compression", st.DEFAULT_COMPRESSION)
         return resolved
     resolved.sites = opts.sites or ["resid"]
     resolved.pool = opts.pool if opts.pool is not None else ["first", "mean"]
     resolved.tokens = True if opts.tokens is None else opts.tokens
     resolved.store_dtype = opts.store_dtype or "float16"
-    resolved.buffer_mb = opts.buffer_mb or 256
+    resolved.compression = st.parse_compression(opts.compression or st.DEFAULT_COMPRESSION)
     for site in resolved.sites:
         if site not in st.SITES:
             raise NeurostoreError(f"--sites: unknown site {site!r} (use {', '.join(st.SITES)})")
@@ -137,11 +148,12 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
     return resolved
 
 
+
 def extract(
     corpus_paths: list[str],
     out: str,
     *,
-    model: str | None = None,
+    model: str | models.LoadedModel | None = None,
     options: ExtractOptions | None = None,
     corpus_options: dict | None = None,
     resume: bool = False,
@@ -151,9 +163,11 @@ def extract(
 ) -> ExtractResult:
     """Extract activations of ``corpus_paths`` into the store at ``out``.
 
-    ``on_start(total_docs, total_tokens, done_docs, done_tokens)`` and ``on_batch(docs, tokens,
-    bytes)`` report progress. Safe to kill at any moment: ``resume=True`` continues from the last
-    commit and yields the same store as an uninterrupted run.
+    ``model`` is a local folder or hub name, or an already loaded :class:`models.LoadedModel`
+    (benchmarks and notebooks that hold one). ``on_start(total_docs, total_tokens, done_docs,
+    done_tokens)`` and ``on_batch(docs, tokens, bytes)`` report progress. Safe to kill at any
+    moment: ``resume=True`` continues from the last commit and yields the same store as an
+    uninterrupted run.
     """
     options = options or ExtractOptions()
     t_start = time.perf_counter()
@@ -168,6 +182,7 @@ def extract(
     if stored is not None and stored.get("schema_version") != st.SCHEMA_VERSION:
         raise NeurostoreError(f"{out}: store schema {stored.get('schema_version')} cannot be resumed by this version")
     opts = _resolve_options(options, stored)
+    plan_version = stored.get("plan", 1) if stored is not None else batching.PLAN_VERSION
 
     corpus = read_corpus(corpus_paths, **(corpus_options or {}))
     label_names, label_codes = categories(corpus.labels)
@@ -176,27 +191,40 @@ def extract(
     part = corpus.slice(lo, hi)
     if len(part) == 0:
         raise NeurostoreError(f"--part {opts.part[0]}/{opts.part[1]}: that part of the corpus is empty")
+    given = model if isinstance(model, models.LoadedModel) else None
+    model_path = given.path if given is not None else model
     if stored is not None:
         if stored["corpus"]["fingerprint"] != corpus.fingerprint:
             raise NeurostoreError(f"{out}: was made from another corpus (or other column options); use --overwrite to start again")
-        model = model or stored["model"]["path"]
-        if model != stored["model"]["path"]:
-            raise NeurostoreError(f"--model {model!r} differs from the store's {stored['model']['path']!r}")
+        model_path = model_path or stored["model"]["path"]
+        if model_path != stored["model"]["path"]:
+            raise NeurostoreError(f"--model {model_path!r} differs from the store's {stored['model']['path']!r}")
 
-    device = models.resolve_device(options.device)
-    compute = models.resolve_dtype(opts.dtype, device)
+    device = given.device if given is not None else models.resolve_device(options.device)
+    if given is not None:
+        compute = models.resolve_dtype(opts.dtype, device, given.config)
+        loaded = given
+    else:
+        compute = models.resolve_dtype(opts.dtype, device, models.read_config(model_path))
+        loaded = models.load(model_path, device, dtype=compute)
     opts.dtype = str(compute).removeprefix("torch.")
-    loaded = models.load(model, device)
     sites = models.resolve_sites(loaded, opts.sites, opts.layers, opts.module_pattern)
     limit = loaded.max_length()
     if opts.max_length is None:
         opts.max_length = limit
     elif not (1 <= opts.max_length <= limit):
         raise NeurostoreError(f"--max-length {opts.max_length}: the model accepts 1 to {limit} tokens")
+    itemsize = st.numpy_store_dtype(opts.store_dtype).itemsize
+    per_row = sum(len(s.layers) * s.width * itemsize for s in sites.values())
+    bytes_per_token = per_row if opts.tokens else 0
     if opts.max_batch_tokens is None:
-        opts.max_batch_tokens = batching.default_batch_tokens(device)
+        opts.max_batch_tokens = batching.default_batch_tokens(device, bytes_per_token)
     if opts.max_batch_tokens < 1:
         raise NeurostoreError(f"--max-batch-tokens {opts.max_batch_tokens}: must be at least 1")
+    if opts.buffer_mb is None:
+        opts.buffer_mb = batching.default_buffer_mb(device, opts.max_batch_tokens, bytes_per_token)
+    if opts.buffer_mb < 1:
+        raise NeurostoreError(f"--buffer-mb {opts.buffer_mb}: must be at least 1")
 
     ids, truncated = batching.tokenize(loaded.tokenizer, part.texts, opts.max_length)
     n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
@@ -206,7 +234,7 @@ def extract(
         meta = st.new_meta(
             model={
                 "name": loaded.name,
-                "path": model or models.default_model(),
+                "path": model_path or models.default_model(),
                 "model_type": loaded.model_type,
                 "classifier": loaded.classes is not None,
                 "n_layers": loaded.n_layers,
@@ -217,7 +245,7 @@ def extract(
             sites={name: {"layers": s.layers, "width": s.width} for name, s in sites.items()},
             pool=opts.pool,
             tokens=opts.tokens,
-            options={k: v for k, v in asdict(opts).items() if k != "device"},
+            options={k: v for k, v in asdict(opts).items() if k not in ("device", "writers")},
             corpus={
                 "files": corpus.files,
                 "fingerprint": corpus.fingerprint,
@@ -229,6 +257,8 @@ def extract(
             n_tokens=int(n_tokens.sum()),
             n_truncated=int(truncated.sum()),
             version=__version__,
+            plan=plan_version,
+            compression=opts.compression,
         )
         group = st.create(
             out,
@@ -246,12 +276,10 @@ def extract(
         group = found[0]
         meta = stored
 
-    itemsize = st.numpy_store_dtype(opts.store_dtype).itemsize
-    per_row = {name: len(s.layers) * s.width * itemsize for name, s in sites.items()}
-    windows = plan_windows(
+    windows = batching.plan_windows(
         n_tokens,
-        bytes_per_token=sum(per_row.values()) if opts.tokens else 0,
-        bytes_per_doc=sum(per_row.values()) * len(opts.pool),
+        bytes_per_token=bytes_per_token,
+        bytes_per_doc=per_row * len(opts.pool),
         budget=opts.buffer_mb << 20,
     )
     start_doc = meta["committed_docs"]
@@ -266,28 +294,37 @@ def extract(
     if on_start:
         on_start(len(part), int(n_tokens.sum()), start_doc, int(token_start[start_doc]) if start_doc < len(part) else int(n_tokens.sum()))
 
+    todo = windows[first_window:]
+    plans = [batching.plan_batches(n_tokens, opts.max_batch_tokens, np.arange(d0, d1), plan_version) for d0, d1 in todo]
     _cap_heap_growth()
-    writer = Writer(group, meta, token_start, start_doc, on_batch=on_batch)
+    window_tokens = max(int(n_tokens[d0:d1].sum()) for d0, d1 in windows)
+    window_docs = max(d1 - d0 for d0, d1 in windows)
+    writer = Writer(group, meta, token_start, start_doc, (window_tokens, window_docs), on_batch=on_batch, writers=opts.writers)
     try:
-        _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, windows[first_window:], first_window, writer)
+        stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, writer)
     except OSError as err:  # disk full, permissions, a lost mount: the user's to fix, then resume
         writer.abort()
         raise NeurostoreError(f"{out}: writing failed ({err}); fix it and continue with --resume") from None
     except BaseException:
         writer.abort()  # the window in flight is not committed: a resume redoes it
         raise
-    writer.close()
+    try:
+        writer.close()
+    except OSError as err:
+        raise NeurostoreError(f"{out}: writing failed ({err}); fix it and continue with --resume") from None
     result.meta = writer.meta
     result.seconds = time.perf_counter() - t_start
+    result.stages = {**stages, **writer.timers, "writers": writer.writers}
+    result.warnings = st.describe_nonfinite(writer.meta.get("nonfinite", {}), opts.store_dtype)
     return result
 
 
 def _cap_heap_growth() -> None:
-    """Serve buffers over 1 MiB from mmap on glibc, so freed window buffers go back to the OS.
+    """Serve buffers over 1 MiB from mmap on glibc, so freed buffers go back to the OS.
 
-    glibc raises its mmap threshold each time a large block is freed, after which window-sized
-    buffers come from the heap and fragment it: peak RSS then grew with corpus length (843 ->
-    1217 MiB floor over a 4x corpus in benchmarks/README.md); with a fixed threshold it stays flat.
+    glibc raises its mmap threshold each time a large block is freed, after which large buffers
+    come from the heap and fragment it: peak RSS then grew with corpus length (843 -> 1217 MiB
+    floor over a 4x corpus in benchmarks/README.md); with a fixed threshold it stays flat.
     """
     import ctypes
     import ctypes.util
@@ -302,6 +339,29 @@ def _cap_heap_growth() -> None:
         pass
 
 
+STORE_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def ring_shapes(
+    sites: dict[str, models.Site], opts: ExtractOptions, n_classes: int, max_real: int, max_docs: int, max_padded: int, inputs: bool
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes of one ring slot: the largest batch of the plan, per slot key (see ``writer.Batch``)."""
+    store = STORE_TORCH[opts.store_dtype]
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, site in sites.items():
+        if opts.tokens:
+            shapes[f"tok:{name}"] = ((max_real, len(site.layers), site.width), store)
+        for pool in opts.pool:
+            shapes[f"doc:{name}/{pool}"] = ((max_docs, len(site.layers), site.width), store)
+        shapes[f"ext:{name}"] = ((len(site.layers), 2), torch.float32)
+    if n_classes:
+        shapes["doc:logits"] = ((max_docs, n_classes), torch.float32)
+    if inputs:  # host staging of the inputs, so uploads need no pinned allocation per batch
+        shapes.update({"in:ids": ((max_padded,), torch.int64), "in:mask": ((max_padded,), torch.int64),
+                       "in:real": ((max_real,), torch.int64), "in:lengths": ((max_docs,), torch.int64)})
+    return shapes
+
+
 def _run(
     loaded: models.LoadedModel,
     sites: dict[str, models.Site],
@@ -312,89 +372,132 @@ def _run(
     n_tokens: np.ndarray,
     token_start: np.ndarray,
     windows: list[tuple[int, int]],
+    plans: list[list[np.ndarray]],
     first_index: int,
     writer: Writer,
-) -> None:
-    store_torch = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[opts.store_dtype]
-    cuda = device.type == "cuda"
-    copy_stream = torch.cuda.Stream(device) if cuda else None
+) -> dict:
+    """The forward loop. Returns seconds per stage (host side) and the ring's occupancy."""
+    store_torch = STORE_TORCH[opts.store_dtype]
+    api = transfer.cuda_api(device)
+    batches = [b for plan in plans for b in plan]
+    max_real = max(int(n_tokens[b].sum()) for b in batches)
+    max_docs = max(len(b) for b in batches)
+    max_padded = max(len(b) * int(n_tokens[b].max()) for b in batches)
+    n_classes = len(loaded.classes) if loaded.classes is not None else 0
+    ring = transfer.HostRing(ring_shapes(sites, opts, n_classes, max_real, max_docs, max_padded, api is not None), RING_SLOTS, api)
+    copier = transfer.Copier(device, api) if api is not None else None
     hooked = {name: s.modules for name, s in sites.items() if s.modules}
     want_hidden = "resid" in sites
     total_tokens = int(n_tokens.sum())
+    timers = {"prepare": 0.0, "forward": 0.0, "gather": 0.0, "copy": 0.0}
+    clock = time.perf_counter
 
-    with torch.inference_mode(), models.capture(hooked) as captured:
-        for offset, (d0, d1) in enumerate(windows):
+    with transfer.on_device(device, api), torch.inference_mode(), models.capture(hooked) as captured:
+        for offset, ((d0, d1), plan) in enumerate(zip(windows, plans)):
             t1 = int(token_start[d1]) if d1 < len(n_tokens) else total_tokens
             window = Window(first_index + offset, (d0, d1), (int(token_start[d0]), t1))
             writer.begin_window(window)
-            for docs in batching.plan_batches(n_tokens, opts.max_batch_tokens, np.arange(d0, d1)):
-                input_ids, mask = batching.pad([ids[i] for i in docs], loaded.pad_id, device, pin=cuda)
+            for docs in plan:
+                t = clock()
+                padded = batching.pad_host([ids[i] for i in docs], loaded.pad_id)
+                slot = ring.acquire(writer.alive)
+                inputs = _inputs(padded, slot, device, api)
+                timers["prepare"] += clock() - t
+                t = clock()
                 with models.autocast(device, compute):
-                    out = loaded.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=want_hidden)
-                layers_of = {}
-                for name, site in sites.items():
-                    if name == "resid":
-                        layers_of[name] = [out.hidden_states[i] for i in site.layers]
-                    else:
-                        layers_of[name] = list(captured[name])
-                tokens, pooled = _gather(layers_of, mask, opts, store_torch)
-                logits = out.logits.float() if loaded.classes is not None else None
-                batch = Batch(docs=np.asarray(docs), lengths=n_tokens[docs], tokens=tokens, pooled=pooled, logits=logits)
-                if cuda:
-                    _to_host_async(batch, copy_stream)
-                writer.put(batch)
-            writer.put(window)
+                    out = loaded.model(input_ids=inputs["ids"], attention_mask=inputs["mask"], output_hidden_states=want_hidden)
+                layers_of = {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
+                timers["forward"] += clock() - t
+                t = clock()
+                values = gather(layers_of, inputs, opts.tokens, opts.pool, store_torch, None if api is not None else slot.tensors)
+                if loaded.classes is not None:
+                    values["doc:logits"] = out.logits.float()
+                del out, layers_of  # the next forward must not find this batch's outputs still referenced
+                for name in captured:
+                    captured[name] = [None] * len(captured[name])
+                timers["gather"] += clock() - t
+                t = clock()
+                if copier is not None:
+                    rows = copier.to_host(values, slot)
+                else:
+                    rows = {key: int(v.shape[0]) for key, v in values.items()}
+                    if "doc:logits" in values:
+                        slot.tensors["doc:logits"][: len(docs)].copy_(values["doc:logits"])
+                del values
+                timers["copy"] += clock() - t
+                writer.put(Batch(docs=np.asarray(docs), lengths=padded.lengths, padded_tokens=int(padded.ids.size), slot=slot, rows=rows, release=ring.release))
+            writer.end_window(window)
+    return {**timers, "wait_slot": ring.waited, "ring": ring.occupancy()}
 
 
-def _gather(
-    layers_of: dict[str, list[torch.Tensor]], mask: torch.Tensor, opts: ExtractOptions, store_dtype: torch.dtype
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Real tokens ``[n_real, n_layers, width]`` and pooled vectors, cast to the store dtype on the device."""
-    flat_mask = mask.reshape(-1).bool()
-    real = flat_mask.nonzero().squeeze(1)
-    lengths = mask.sum(1)
-    batch = torch.arange(mask.shape[0], device=mask.device)
-    weights = (mask / lengths[:, None]).float().unsqueeze(1)  # [B, 1, S]: mean pooling as one matmul
-    tokens, pooled = {}, {}
+def _inputs(padded: batching.Padded, slot: transfer.Slot, device: torch.device, api: transfer.CudaApi | None) -> dict[str, torch.Tensor]:
+    """The batch's ids, mask, real-token positions and lengths on the device.
+
+    On CUDA they are staged in the slot's pinned buffers and uploaded without blocking; the
+    real-token positions come from the host, so the gather needs no ``nonzero`` (a device sync).
+    """
+    B, S = padded.ids.shape
+    host = {"ids": padded.ids, "mask": padded.mask, "real": padded.real, "lengths": padded.lengths}
+    if api is None:
+        return {k: torch.from_numpy(v) for k, v in host.items()}
+    out = {}
+    for key, values in host.items():
+        flat = values.reshape(-1)
+        staged = slot.tensors[f"in:{key}"][: len(flat)]
+        slot.arrays[f"in:{key}"][: len(flat)] = flat
+        out[key] = api.to_device(staged, device)
+    out["ids"], out["mask"] = out["ids"].view(B, S), out["mask"].view(B, S)
+    return out
+
+
+def gather(
+    layers_of: dict[str, list[torch.Tensor]],
+    inputs: dict[str, torch.Tensor],
+    tokens: bool,
+    pools: list[str],
+    store_dtype: torch.dtype,
+    dest: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Real tokens ``[n_real, n_layers, width]``, pooled vectors and per-layer extremes, on the device.
+
+    Values are cast to the store dtype as they are gathered; the extremes (``ext:{site}``, min and
+    max per layer before the cast) let the writer count values the cast turns into inf without a
+    pass over every value. With ``dest`` (host buffers, on a CPU) results go straight into it.
+    Nothing here waits for the device.
+    """
+    real, lengths, mask = inputs["real"], inputs["lengths"], inputs["mask"]
+    n_docs = mask.shape[0]
+    weights = None
+    if "mean" in pools:
+        weights = (mask / lengths[:, None]).float().unsqueeze(1)  # [B, 1, S]: mean pooling as one matmul
+    values: dict[str, torch.Tensor] = {}
+
+    def target(key: str, rows: int, n_layers: int, width: int) -> torch.Tensor:
+        if dest is not None:
+            return dest[key][:rows]
+        return torch.empty((rows, n_layers, width), dtype=store_dtype, device=mask.device)
+
     for name, layers in layers_of.items():
-        width = layers[0].shape[-1]
-        if opts.tokens:
-            out = torch.empty((len(real), len(layers), width), dtype=store_dtype, device=mask.device)
+        width, n_layers = layers[0].shape[-1], len(layers)
+        if tokens:
+            out = target(f"tok:{name}", len(real), n_layers, width)
             for j, h in enumerate(layers):
                 out[:, j] = h.reshape(-1, width).index_select(0, real)
-            tokens[name] = out
-        for pool in opts.pool:
-            out = torch.empty((mask.shape[0], len(layers), width), dtype=store_dtype, device=mask.device)
+            values[f"tok:{name}"] = out
+        for pool in pools:
+            out = target(f"doc:{name}/{pool}", n_docs, n_layers, width)
             for j, h in enumerate(layers):
                 if pool == "first":
                     out[:, j] = h[:, 0]
                 elif pool == "last":
-                    out[:, j] = h[batch, lengths - 1]
+                    out[:, j] = h[torch.arange(n_docs, device=h.device), lengths - 1]
                 else:
                     out[:, j] = torch.bmm(weights, h.float()).squeeze(1)
-            pooled[f"{name}/{pool}"] = out
-    return tokens, pooled
-
-
-def _to_host_async(batch: Batch, stream: "torch.cuda.Stream") -> None:
-    """Copy a batch's device tensors into pinned host memory on the copy stream.
-
-    The forward of the next batch goes on while the copy runs; the writer waits on the event.
-    ``record_stream`` tells the caching allocator not to reuse the device memory too early.
-    """
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            t.record_stream(stream)
-            return host
-
-        batch.tokens = {k: move(v) for k, v in batch.tokens.items()}
-        batch.pooled = {k: move(v) for k, v in batch.pooled.items()}
-        if batch.logits is not None:
-            batch.logits = move(batch.logits)
-        event = torch.cuda.Event()
-        event.record(stream)
-    batch.ready = event
+            values[f"doc:{name}/{pool}"] = out
+        ext = torch.stack([torch.stack(torch.aminmax(h)).float() for h in layers])
+        if dest is not None:
+            dest[f"ext:{name}"].copy_(ext)
+            values[f"ext:{name}"] = dest[f"ext:{name}"]
+        else:
+            values[f"ext:{name}"] = ext
+    return values

@@ -24,7 +24,7 @@ Sentences are in corpus order; padding is never stored. Activation arrays are ch
 no Zarr dtype: such arrays hold the raw bfloat16 bits as ``uint16`` and carry
 ``attrs["neurostore_dtype"] = "bfloat16"``; :func:`decode` turns them into float32 losslessly.
 
-Writes go through :class:`ShardAppender` (whole shards, one writer) and become visible through
+Writes go through ``writer.Writer`` (whole shards, in parallel) and become visible through
 :func:`commit`, which records how many sentences are safely on disk. Rows past
 ``committed_docs``/``committed_tokens`` are never trusted.
 """
@@ -56,15 +56,38 @@ CHUNK_BYTES = int(os.environ.get("NEUROSTORE_CHUNK_BYTES", 4 << 20))
 SHARD_BYTES = int(os.environ.get("NEUROSTORE_SHARD_BYTES", 64 << 20))
 
 
-def compressor(itemsize: int) -> BloscCodec:
-    """Bit-shuffled lz4 at level 1.
+COMPRESSIONS = ("none", "lz4", "zstd")
+DEFAULT_COMPRESSION = "lz4"
 
-    Activations are noisy floats: what compresses is the sign and exponent bits, which the
-    bitshuffle lines up. Measured on real MiniLM float16 activations (benchmarks/README.md): the
-    same ratio as zstd-1 with byte shuffle (1.08x) at 590 instead of 320-390 MB/s, and on two
-    cores compression competes with the forward pass for CPU.
+
+def parse_compression(value: str) -> str:
+    """Check ``none``, ``lz4`` or ``zstd[:LEVEL]`` (level 1-9) and return it normalised."""
+    name, _, level = value.strip().lower().partition(":")
+    if name not in COMPRESSIONS or (level and (name != "zstd" or not level.isdigit() or not 1 <= int(level) <= 9)):
+        raise NeurostoreError(f"--compression {value!r}: use none, lz4 or zstd[:LEVEL] with LEVEL 1-9")
+    return f"zstd:{int(level)}" if name == "zstd" and level else name
+
+
+def compressors(compression: str, itemsize: int) -> tuple:
+    """The codec chain of an activation chunk for a ``--compression`` value.
+
+    ``lz4``: bit-shuffled lz4 at level 1. Activations are noisy floats: what compresses is the sign
+    and exponent bits, which the bitshuffle lines up. Measured on real MiniLM float16 activations
+    (benchmarks/README.md): the same ratio as zstd-1 with byte shuffle (1.08x) at 590 instead of
+    320-390 MB/s. ``zstd[:LEVEL]`` (default level 3) trades speed for a few percent more; ``none``
+    writes raw chunks, fastest where the disk is not the bottleneck.
     """
-    return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=itemsize)
+    name, _, level = compression.partition(":")
+    if name == "none":
+        return ()
+    if name == "zstd":
+        return (BloscCodec(cname="zstd", clevel=int(level or 3), shuffle="bitshuffle", typesize=itemsize),)
+    return (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=itemsize),)
+
+
+def finite_limit(store_dtype: str) -> float:
+    """Largest finite magnitude of the store dtype: beyond it the cast gives inf."""
+    return float(np.finfo(np.float16).max) if store_dtype == "float16" else float(np.finfo(np.float32).max)
 
 
 def _pow2_floor(n: float) -> int:
@@ -123,8 +146,15 @@ def new_meta(
     n_tokens: int,
     n_truncated: int,
     version: str,
+    plan: int = 1,
+    compression: str = DEFAULT_COMPRESSION,
 ) -> dict:
-    """The group attribute that describes a store; ``committed_*`` and ``complete`` move as it fills."""
+    """The group attribute that describes a store; ``committed_*`` and ``complete`` move as it fills.
+
+    ``plan`` is the batch plan's version (``batching.PLAN_VERSION``; stores without it used 1),
+    ``nonfinite`` counts values the cast to the store dtype made inf or nan (array -> layer ->
+    count), ``batches`` the real and padded tokens of the forward passes run so far.
+    """
     return {
         "schema_version": SCHEMA_VERSION,
         "neurostore_version": version,
@@ -139,6 +169,10 @@ def new_meta(
         "n_docs": n_docs,
         "n_tokens": n_tokens,
         "n_truncated": n_truncated,
+        "plan": plan,
+        "compression": compression,
+        "nonfinite": {},
+        "batches": {"real_tokens": 0, "padded_tokens": 0},
         "committed_docs": 0,
         "committed_tokens": 0,
         "complete": False,
@@ -207,7 +241,7 @@ def create(
                 chunks=(chunk, 1, width),
                 shards=(shard, n_layers, width),
                 dtype=dtype,
-                compressors=compressor(dtype.itemsize),
+                compressors=compressors(meta.get("compression", DEFAULT_COMPRESSION), dtype.itemsize),
                 fill_value=0,
                 dimension_names=("token" if name.startswith("acts") else "doc", "layer", "neuron"),
             )
@@ -221,50 +255,92 @@ def create(
     return group
 
 
-def commit(group: zarr.Group, meta: dict, committed_docs: int, committed_tokens: int, complete: bool = False) -> dict:
-    """Record that every row below these counts is on disk. One atomic metadata write."""
-    meta = dict(meta, committed_docs=int(committed_docs), committed_tokens=int(committed_tokens), complete=bool(complete))
+def commit(
+    group: zarr.Group,
+    meta: dict,
+    committed_docs: int,
+    committed_tokens: int,
+    complete: bool = False,
+    *,
+    nonfinite: dict[str, dict[str, int]] | None = None,
+    real_tokens: int = 0,
+    padded_tokens: int = 0,
+) -> dict:
+    """Record that every row below these counts is on disk, with the window's counters added.
+
+    One atomic metadata write, so the counters always describe exactly the committed rows.
+    """
+    counts = {name: dict(layers) for name, layers in meta.get("nonfinite", {}).items()}
+    for name, layers in (nonfinite or {}).items():
+        for layer, n in layers.items():
+            counts.setdefault(name, {})[layer] = counts.get(name, {}).get(layer, 0) + int(n)
+    batches = dict(meta.get("batches") or {"real_tokens": 0, "padded_tokens": 0})
+    batches["real_tokens"] += int(real_tokens)
+    batches["padded_tokens"] += int(padded_tokens)
+    meta = dict(
+        meta, committed_docs=int(committed_docs), committed_tokens=int(committed_tokens), complete=bool(complete),
+        nonfinite=counts, batches=batches,
+    )
     group.attrs.update({ATTR: meta})
     return meta
 
 
-class ShardAppender:
-    """Write the rows of one array in order, whole shards at a time, from one thread.
+class Rows:
+    """Where the next rows of one array go, and its partial last shard (the *carry*).
 
-    Rows that do not fill their shard yet (the tail) are written so they are durable at the next
-    commit, and also kept in memory: the next block rewrites that shard whole. On resume, the tail
-    is read back from the store. Two writers never touch one shard because there is one writer.
+    Rows that do not fill their shard yet are written so they are durable at the next commit, and
+    also kept: the next window rewrites that shard whole, starting from the carry. On resume the
+    carry is read back from the store.
     """
 
     def __init__(self, array: zarr.Array, start: int) -> None:
         self.array = array
-        self.rows = (array.shards or array.chunks)[0]
-        self.base = (start // self.rows) * self.rows
+        self.shard = (array.shards or array.chunks)[0]
+        self.base = (start // self.shard) * self.shard
         self.carry = np.asarray(array[self.base:start]) if start > self.base else np.zeros((0, *array.shape[1:]), array.dtype)
 
-    @property
-    def position(self) -> int:
-        return self.base + len(self.carry)
-
-    def buffer(self, n_new: int) -> tuple[np.ndarray, np.ndarray]:
-        """A block starting at the last shard boundary, with the carried tail already in place,
-        and the view that the next ``n_new`` rows go into."""
-        full = np.empty((len(self.carry) + n_new, *self.array.shape[1:]), dtype=self.array.dtype)
+    def block(self, buffer: np.ndarray, n_new: int) -> np.ndarray:
+        """The rows ``[base, base + carry + n_new)`` in ``buffer``, the carry already in place."""
+        full = buffer[: len(self.carry) + n_new]
         full[: len(self.carry)] = self.carry
-        return full, full[len(self.carry):]
+        return full
 
-    def flush(self, full: np.ndarray) -> None:
-        end = self.base + len(full)
-        whole = (end // self.rows) * self.rows
+    def cut(self, full: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """Shard-aligned writes ``(lo, hi, rows)`` of a filled block; the tail becomes the carry."""
+        base, end = self.base, self.base + len(full)
+        whole = (end // self.shard) * self.shard
         if end == self.array.shape[0]:
             whole = end  # the last shard is short by construction: it is whole now
-        if whole > self.base:
-            self.array[self.base:whole] = full[: whole - self.base]
-        tail = full[whole - self.base:]
-        if len(tail):
-            self.array[whole:end] = tail
-        self.carry = tail.copy()
+        writes = [(lo, min(lo + self.shard, whole), full[lo - base : min(lo + self.shard, whole) - base]) for lo in range(base, whole, self.shard)]
+        if end > whole:
+            writes.append((whole, end, full[whole - base :]))
+        self.carry = full[whole - base :]  # a view: the buffer is not reused before the next window copies it
         self.base = whole
+        return writes
+
+
+class ShardAppender:
+    """Append rows in order, whole shards at a time, one block after another (single-threaded).
+
+    For writing a store outside an extraction (synthetic stores in tests and benchmarks): the
+    same shard alignment as the extraction's writer.
+    """
+
+    def __init__(self, array: zarr.Array, start: int) -> None:
+        self.rows = Rows(array, start)
+        self._n_new = 0
+
+    def buffer(self, n_new: int) -> tuple[np.ndarray, np.ndarray]:
+        """A block starting at the last shard boundary with the carry in place, and the view
+        that the next ``n_new`` rows go into."""
+        carry = len(self.rows.carry)
+        full = self.rows.block(np.empty((carry + n_new, *self.rows.array.shape[1:]), self.rows.array.dtype), n_new)
+        return full, full[carry:]
+
+    def flush(self, full: np.ndarray) -> None:
+        for lo, hi, values in self.rows.cut(full):
+            self.rows.array[lo:hi] = values
+        self.rows.carry = self.rows.carry.copy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,8 +576,40 @@ def summary(store: Store) -> dict:
         "activation_bytes": raw,
         "disk_bytes": disk_total,
         "compression_ratio": (raw / disk_total) if disk_total else None,
+        "compression": meta.get("compression", DEFAULT_COMPRESSION),
+        "plan": meta.get("plan", 1),
+        "nonfinite": _sum_counts(m.get("nonfinite", {}) for m in store.metas),
+        "real_token_share": _real_share(store.metas),
         "options": meta["options"],
     }
+
+
+def _sum_counts(parts: Iterable[dict]) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for counts in parts:
+        for name, layers in counts.items():
+            for layer, n in layers.items():
+                total.setdefault(name, {})[layer] = total.get(name, {}).get(layer, 0) + int(n)
+    return {name: dict(sorted(layers.items(), key=lambda kv: int(kv[0]))) for name, layers in sorted(total.items())}
+
+
+def _real_share(metas: Sequence[dict]) -> float | None:
+    """Real tokens / tokens computed (padding included) over the forward passes run; None if unknown."""
+    real = sum((m.get("batches") or {}).get("real_tokens", 0) for m in metas)
+    padded = sum((m.get("batches") or {}).get("padded_tokens", 0) for m in metas)
+    return real / padded if padded else None
+
+
+def describe_nonfinite(counts: dict[str, dict[str, int]], store_dtype: str) -> list[str]:
+    """One line per array: which layers hold how many non-finite values, and what to do."""
+    lines = []
+    for name, layers in counts.items():
+        total = sum(layers.values())
+        lines.append(
+            f"{name}: {total:,} values non-finite after the cast to {store_dtype} (layers {_ranges(int(x) for x in layers)});"
+            " extract with --store-dtype bfloat16 or float32 to keep them"
+        )
+    return lines
 
 
 def verify(store: Store) -> list[str]:

@@ -1,11 +1,16 @@
-"""The background write pipeline: a bounded queue, window buffers, whole shards, commit marks.
+"""The write pipeline: scatter batches into window buffers, write whole shards in parallel, commit.
 
-The extraction loop hands each batch's activations (already on the host, padding stripped) to one
-writer thread. The writer scatters them into a buffer that covers one *window* of sentences in
-corpus order; when the window's last batch arrives it writes whole shards through
-:class:`~neurostore.store.ShardAppender` and then commits. Windows are a pure function of the
-sentence lengths and options, so a resumed run replays exactly the windows and batches that an
-uninterrupted run would have used, and the store comes out identical.
+One *scatter* thread takes batches from the extraction loop (in host ring slots, padding already
+stripped), copies each sentence's rows into the buffer of the current *window* (a contiguous
+range of sentences in corpus order) and hands the slot back. When a window is complete it goes
+to the *flush* thread, which writes its shards on a pool of ``writers`` threads (Zarr and Blosc
+release the GIL, and every shard is its own file) and then commits. Two window buffers are
+allocated once and reused: the scatter thread fills one while the other is written, so the
+forward pass waits only when the disk is the bottleneck. Windows commit strictly in order, and a
+window's carried partial shard is written before the next window rewrites that shard whole.
+
+Windows and batches are a pure function of the sentence lengths and options (``batching``), so a
+resumed run replays exactly the windows of an uninterrupted one and the store comes out identical.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 import queue
 import signal
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,7 +32,8 @@ from . import store as st
 
 def _fault_plan() -> dict[str, int]:
     """Fault injection for the resume tests: ``NEUROSTORE_FAULT=flush:3`` SIGKILLs the process
-    the 3rd time it reaches that point (``batch``, ``flush`` or ``commit``). Unset in normal use."""
+    the 3rd time it reaches that point (``batch``, ``window``, ``flush`` or ``commit``). Unset in
+    normal use."""
     spec = os.environ.get("NEUROSTORE_FAULT", "")
     plan = {}
     for item in filter(None, spec.split(",")):
@@ -36,35 +44,37 @@ def _fault_plan() -> dict[str, int]:
 
 _FAULTS = _fault_plan()
 _SEEN: dict[str, int] = {}
+_FAULT_LOCK = threading.Lock()
 
 
 def _fault(point: str) -> None:
     if point in _FAULTS:
-        _SEEN[point] = _SEEN.get(point, 0) + 1
-        if _SEEN[point] == _FAULTS[point]:
-            os.kill(os.getpid(), signal.SIGKILL)
+        with _FAULT_LOCK:
+            _SEEN[point] = _SEEN.get(point, 0) + 1
+            if _SEEN[point] == _FAULTS[point]:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def default_writers() -> int:
+    """Shard writers: the cores, less one left to the forward pass (which has its own threads)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 @dataclass
 class Batch:
-    """One forward pass's results on the host. ``docs`` are store-local sentence indices."""
+    """One forward pass's results in a host ring slot. ``docs`` are store-local sentence indices.
+
+    ``rows`` maps slot keys to the rows this batch filled: ``tok:{site}`` ``[n_real, n_layers,
+    width]`` (sentences in ``docs`` order), ``doc:{site}/{pool}`` and ``doc:logits`` ``[len(docs),
+    ...]``, ``ext:{site}`` ``[n_layers, 2]`` (min and max before the cast to the store dtype).
+    """
 
     docs: np.ndarray
     lengths: np.ndarray
-    tokens: dict[str, Any]  # site -> [n_real_tokens, n_layers, width], docs in ``docs`` order
-    pooled: dict[str, Any]  # "site/pool" -> [len(docs), n_layers, width]
-    logits: Any | None = None
-    ready: Any | None = None  # a CUDA event to wait on before reading the host tensors
-
-    def host(self, value: Any) -> np.ndarray:
-        """A numpy view of a host tensor (bfloat16 bits come back as uint16)."""
-        if isinstance(value, np.ndarray):
-            return value
-        import torch
-
-        if value.dtype == torch.bfloat16:
-            return value.view(torch.int16).numpy().view(np.uint16)
-        return value.numpy()
+    padded_tokens: int
+    slot: Any
+    rows: dict[str, int]
+    release: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -78,157 +88,291 @@ class Window:
 
 @dataclass
 class _Begin:
-    """Queue marker: the batches that follow belong to ``window``; the window itself ends it."""
-
     window: Window
 
 
-def plan_windows(n_tokens: np.ndarray, bytes_per_token: int, bytes_per_doc: int, budget: int) -> list[tuple[int, int]]:
-    """Contiguous sentence ranges whose buffered activations stay under ``budget`` bytes.
+@dataclass
+class _End:
+    window: Window
 
-    Each window holds at least one sentence. Deterministic: resume depends on it.
-    """
-    windows, start, used = [], 0, 0
-    for i, n in enumerate(n_tokens.tolist()):
-        cost = n * bytes_per_token + bytes_per_doc
-        if i > start and used + cost > budget:
-            windows.append((start, i))
-            start, used = i, 0
-        used += cost
-    if start < len(n_tokens):
-        windows.append((start, len(n_tokens)))
-    return windows
+
+@dataclass
+class _Job:
+    window: Window
+    writes: list[tuple[zarr.Array, int, int, np.ndarray]]
+    buffers: int  # which buffer set to free once written
+    counts: dict[str, dict[str, int]]
+    real: int
+    padded: int
 
 
 @dataclass
 class Writer:
-    """Owns every write to the store's growing arrays; runs in its own thread."""
+    """Owns every write to the store's growing arrays."""
 
     group: zarr.Group
     meta: dict
     token_start: np.ndarray
     start_doc: int
+    max_window: tuple[int, int]  # most token rows and sentences of any window
     on_batch: Callable[[int, int, int], None] | None = None  # (docs, tokens, bytes)
-    queue_size: int = 4
-    _queue: queue.Queue = field(init=False)
-    _thread: threading.Thread = field(init=False)
+    writers: int = 0  # 0: default_writers()
+    queue_size: int = 8
     error: BaseException | None = field(init=False, default=None)
+    timers: dict[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._queue = queue.Queue(maxsize=self.queue_size)
+        self.writers = self.writers or default_writers()
+        self.timers = {"scatter": 0.0, "wait_batch": 0.0, "wait_buffer": 0.0, "write": 0.0, "commit": 0.0, "flush_wall": 0.0}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._free_sets: queue.Queue = queue.Queue()
+        self._aborted = threading.Event()
         start_token = int(self.token_start[self.start_doc]) if self.start_doc < len(self.token_start) else self.meta["n_tokens"]
-        self.token_arrays = {}
-        self.doc_arrays = {}
+        self.rows: dict[str, st.Rows] = {}
         for site in self.meta["sites"]:
             if self.meta["tokens"]:
-                self.token_arrays[site] = st.ShardAppender(self.group[f"acts/{site}"], start_token)
+                self.rows[f"tok:{site}"] = st.Rows(self._array(f"acts/{site}"), start_token)
             for pool in self.meta["pool"]:
-                self.doc_arrays[f"{site}/{pool}"] = st.ShardAppender(self.group[f"pooled/{site}/{pool}"], self.start_doc)
+                self.rows[f"doc:{site}/{pool}"] = st.Rows(self._array(f"pooled/{site}/{pool}"), self.start_doc)
         if self.meta["model"].get("classifier"):
-            self.doc_arrays["logits"] = st.ShardAppender(self.group["docs/logits"], self.start_doc)
-            self.doc_arrays["pred"] = st.ShardAppender(self.group["docs/pred"], self.start_doc)
-        self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            self.rows["doc:logits"] = st.Rows(self._array("docs/logits"), self.start_doc)
+            self.rows["doc:pred"] = st.Rows(self._array("docs/pred"), self.start_doc)
+        self._sets: list[dict[str, np.ndarray]] = [{}, {}]
+        for i in range(2):
+            self._free_sets.put(i)
+        self._pool = ThreadPoolExecutor(self.writers, thread_name_prefix="neurostore-write")
         self._window: Window | None = None
-        self._thread = threading.Thread(target=self._run, name="neurostore-writer", daemon=True)
-        self._thread.start()
+        self._blocks: dict[str, np.ndarray] = {}
+        self._set = -1
+        self._counts: dict[str, dict[str, int]] = {}
+        self._real = self._padded = 0
+        self._scatter_thread = threading.Thread(target=self._guard(self._scatter_loop), name="neurostore-scatter", daemon=True)
+        self._flush_thread = threading.Thread(target=self._guard(self._flush_loop), name="neurostore-flush", daemon=True)
+        self._scatter_thread.start()
+        self._flush_thread.start()
+
+    def _array(self, name: str) -> zarr.Array:
+        # every chunk is written whatever its values: skips a full comparison pass with the fill value
+        return self.group[name].with_config({"write_empty_chunks": True})
 
     # -- called from the extraction loop ---------------------------------------------------------
 
-    def put(self, item: Batch | Window | _Begin | None) -> None:
-        """Hand over work; blocks while the queue is full (that is what bounds memory)."""
+    def alive(self) -> None:
+        """Raise the writer's error, if it has one (called while the loop waits on the writer)."""
+        if self.error is not None:
+            raise self.error
+        if not (self._scatter_thread.is_alive() and self._flush_thread.is_alive()):
+            raise RuntimeError("the writer stopped")
+
+    def put(self, item: Batch | _Begin | _End | None) -> None:
+        """Hand over work; blocks while the queue is full."""
         while True:
-            if self.error is not None:
-                raise self.error
+            self.alive()
             try:
-                self._queue.put(item, timeout=0.5)
+                self._queue.put(item, timeout=0.2)
                 return
             except queue.Full:
-                if not self._thread.is_alive():
-                    raise RuntimeError("the writer thread stopped") from self.error
+                continue
 
     def begin_window(self, window: Window) -> None:
         self.put(_Begin(window))
 
+    def end_window(self, window: Window) -> None:
+        self.put(_End(window))
+
     def close(self) -> None:
-        """Stop the writer after the queued work (``None`` is the end marker)."""
-        if self._thread.is_alive():
+        """Write and commit everything queued, then stop."""
+        if self._scatter_thread.is_alive():
             try:
                 self.put(None)
             except BaseException:  # noqa: BLE001 - the writer already failed; error is kept
                 pass
-            self._thread.join()
+        self._scatter_thread.join()
+        self._flush_thread.join()
+        self._pool.shutdown(wait=True)
         if self.error is not None:
             raise self.error
 
     def abort(self) -> None:
-        """Drop queued work and stop; whatever window was in flight stays uncommitted."""
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        if self._thread.is_alive():
+        """Drop queued work and stop; a window not yet committed stays uncommitted."""
+        self._aborted.set()
+        for q in (self._queue, self._jobs):
+            while True:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+        if self._scatter_thread.is_alive():
             self._queue.put(None)
-            self._thread.join()
+        self._scatter_thread.join()
+        if self._flush_thread.is_alive():
+            self._jobs.put(None)
+        self._flush_thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
-    # -- the writer thread -----------------------------------------------------------------------
+    # -- threads ---------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                if self.error is None:
+                    self.error = err
+                self._aborted.set()
+
+        return run
+
+    def _scatter_loop(self) -> None:
         try:
             while True:
+                t0 = time.perf_counter()
                 item = self._queue.get()
-                if item is None:
+                self.timers["wait_batch"] += time.perf_counter() - t0
+                if item is None or self._aborted.is_set():
                     return
+                t0 = time.perf_counter()
                 if isinstance(item, _Begin):
                     self._begin(item.window)
+                    self.timers["wait_buffer"] += time.perf_counter() - t0
                 elif isinstance(item, Batch):
                     self._scatter(item)
+                    self.timers["scatter"] += time.perf_counter() - t0
                 else:
-                    self._finish(item)
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread
-            self.error = err
+                    self._end(item.window)
+        finally:
+            while not self._aborted.is_set():
+                try:
+                    self._jobs.put(None, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
 
     def _begin(self, window: Window) -> None:
         (d0, d1), (t0, t1) = window.docs, window.tokens
+        while True:  # a buffer set is free once the window that used it two windows ago is written
+            try:
+                self._set = self._free_sets.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if self._aborted.is_set():
+                    raise RuntimeError("the writer was stopped")
+        buffers = self._sets[self._set]
         self._window = window
-        self._buffers = {f"tok:{k}": a.buffer(t1 - t0) for k, a in self.token_arrays.items()}
-        self._buffers.update({f"doc:{k}": a.buffer(d1 - d0) for k, a in self.doc_arrays.items()})
+        self._blocks = {}
+        for key, rows in self.rows.items():
+            n_new = (t1 - t0) if key.startswith("tok:") else (d1 - d0)
+            need = (self.max_window[0] if key.startswith("tok:") else self.max_window[1]) + rows.shard
+            if key not in buffers or len(buffers[key]) < len(rows.carry) + n_new:
+                buffers[key] = np.empty((max(need, len(rows.carry) + n_new), *rows.array.shape[1:]), dtype=rows.array.dtype)
+            self._blocks[key] = rows.block(buffers[key], n_new)
+        self._counts, self._real, self._padded = {}, 0, 0
 
     def _scatter(self, batch: Batch) -> None:
-        if batch.ready is not None:
-            batch.ready.synchronize()
-        assert self._window is not None
-        d0, t0 = self._window.docs[0], self._window.tokens[0]
-        starts = self.token_start[batch.docs] - t0
-        # destination rows of every real token, in the order the batch produced them
-        dest = np.repeat(starts - np.concatenate(([0], np.cumsum(batch.lengths)[:-1])), batch.lengths)
-        dest += np.arange(int(batch.lengths.sum()))
+        if batch.slot.ready is not None:
+            batch.slot.ready.synchronize()
+        window = self._window
+        assert window is not None
+        d0, t0 = window.docs[0], window.tokens[0]
         nbytes = 0
-        for site, values in batch.tokens.items():
-            host = batch.host(values)
-            self._buffers[f"tok:{site}"][1][dest] = host
+        # token rows: each sentence's rows are contiguous in the batch and in the window; runs of
+        # sentences that are also neighbours in the corpus are copied as one slice
+        src = np.concatenate(([0], np.cumsum(batch.lengths)))
+        dest = self.token_start[batch.docs] - t0
+        breaks = np.flatnonzero(dest[1:] != dest[:-1] + batch.lengths[:-1]) + 1
+        runs = np.concatenate(([0], breaks, [len(batch.docs)]))
+        for key in (k for k in self.rows if k.startswith("tok:")):
+            host = batch.slot.host(key, batch.rows[key])
+            block = self._blocks[key]
+            carry = len(block) - (window.tokens[1] - t0)
+            for a, b in zip(runs[:-1].tolist(), runs[1:].tolist()):
+                lo = carry + int(dest[a])
+                block[lo : lo + int(src[b] - src[a])] = host[src[a] : src[b]]
             nbytes += host.nbytes
         rows = batch.docs - d0
-        for key, values in batch.pooled.items():
-            host = batch.host(values)
-            self._buffers[f"doc:{key}"][1][rows] = host
+        for key in (k for k in self.rows if k.startswith("doc:") and k not in ("doc:logits", "doc:pred")):
+            host = batch.slot.host(key, batch.rows[key])
+            block = self._blocks[key]
+            block[len(block) - (window.docs[1] - d0) + rows] = host
             nbytes += host.nbytes
-        if batch.logits is not None:
-            logits = batch.host(batch.logits)
-            self._buffers["doc:logits"][1][rows] = logits
-            self._buffers["doc:pred"][1][rows] = logits.argmax(axis=1)
+        if "doc:logits" in self.rows:
+            logits = batch.slot.host("doc:logits", batch.rows["doc:logits"])
+            for key, values in (("doc:logits", logits), ("doc:pred", logits.argmax(axis=1))):
+                block = self._blocks[key]
+                block[len(block) - (window.docs[1] - d0) + rows] = values
+        self._count_nonfinite(batch)
+        self._real += int(batch.lengths.sum())
+        self._padded += batch.padded_tokens
+        if batch.release is not None:
+            batch.release(batch.slot)
         if self.on_batch is not None:
             self.on_batch(len(batch.docs), int(batch.lengths.sum()), nbytes)
         _fault("batch")
 
-    def _finish(self, window: Window) -> None:
-        for key, appender in self.token_arrays.items():
-            appender.flush(self._buffers[f"tok:{key}"][0])
-            _fault("flush")
-        for key, appender in self.doc_arrays.items():
-            appender.flush(self._buffers[f"doc:{key}"][0])
-            _fault("flush")
-        self._buffers = {}
-        _fault("commit")
-        done = window.docs[1] >= self.meta["n_docs"]
-        self.meta = st.commit(self.group, self.meta, window.docs[1], window.tokens[1], complete=done)
+    def _count_nonfinite(self, batch: Batch) -> None:
+        """Count values the store cast made non-finite, where the batch's extremes say there are any.
+
+        The extremes (min and max per layer, before the cast) come with the batch, so the common
+        case costs nothing here; only a layer whose values leave the store dtype's range is scanned.
+        """
+        limit = st.finite_limit(self.meta["store_dtype"])
+        for site in self.meta["sites"]:
+            ext = batch.slot.host(f"ext:{site}", batch.rows[f"ext:{site}"])
+            bad = np.flatnonzero(~((ext[:, 0] >= -limit) & (ext[:, 1] <= limit)))
+            if not len(bad):
+                continue
+            layers = self.meta["sites"][site]["layers"]
+            for key in self.rows:
+                if not (key == f"tok:{site}" or key.startswith(f"doc:{site}/")):
+                    continue
+                host = st.decode(batch.slot.host(key, batch.rows[key]), self.meta["store_dtype"])
+                name = ("acts/" if key.startswith("tok:") else "pooled/") + key[4:]
+                for j in bad.tolist():
+                    n = int(np.count_nonzero(~np.isfinite(host[:, j])))
+                    if n:
+                        per_layer = self._counts.setdefault(name, {})
+                        per_layer[str(layers[j])] = per_layer.get(str(layers[j]), 0) + n
+
+    def _end(self, window: Window) -> None:
+        _fault("window")
+        writes = [(rows.array, lo, hi, values) for key, rows in self.rows.items() for lo, hi, values in rows.cut(self._blocks[key])]
+        job = _Job(window, writes, self._set, self._counts, self._real, self._padded)
+        self._blocks, self._window = {}, None
+        while True:
+            try:
+                self._jobs.put(job, timeout=0.2)
+                return
+            except queue.Full:
+                if self._aborted.is_set():
+                    raise RuntimeError("the writer was stopped")
+
+    def _flush_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._aborted.is_set():
+                return
+            t0 = time.perf_counter()
+            futures = [self._pool.submit(self._write, array, lo, hi, values) for array, lo, hi, values in job.writes]
+            for f in futures:
+                f.result()  # the first failure is raised here, after the others finished or failed
+            self.timers["flush_wall"] += time.perf_counter() - t0
+            if self._aborted.is_set():
+                return
+            t0 = time.perf_counter()
+            _fault("commit")
+            self.meta = st.commit(
+                self.group, self.meta, job.window.docs[1], job.window.tokens[1],
+                complete=job.window.docs[1] >= self.meta["n_docs"],
+                nonfinite=job.counts, real_tokens=job.real, padded_tokens=job.padded,
+            )
+            self.timers["commit"] += time.perf_counter() - t0
+            self._free_sets.put(job.buffers)
+
+    def _write(self, array: zarr.Array, lo: int, hi: int, values: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        array[lo:hi] = values
+        with self._lock:
+            self.timers["write"] += time.perf_counter() - t0
+        _fault("flush")

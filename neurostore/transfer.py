@@ -1,0 +1,160 @@
+"""Host buffers that batches travel in, and the CUDA device-to-host copy protocol.
+
+A fixed ring of host buffers (pinned on CUDA) is allocated once, sized for the largest batch of
+the plan, and reused: the extraction loop takes a free slot for each batch, the writer hands it
+back once it has scattered the batch. Waiting for a free slot is the loop's only back-pressure, so
+the forward waits for the writer only when the writer (the disk) is the bottleneck.
+
+On CUDA the copy runs on a side stream: it waits on the compute stream of the tensors' device,
+copies non-blocking into the slot, marks the device memory as used by the copy stream
+(``record_stream``) and records an event last; the writer synchronizes on that event before
+reading the slot. Every CUDA call goes through :class:`CudaApi`, so that tests can run the whole
+branch on a CPU with a fake that checks the order of the calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+
+class CudaApi:
+    """The few CUDA calls the copy protocol makes (real ones; tests substitute a fake)."""
+
+    def stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device)
+
+    def current_stream(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def use_stream(self, stream: Any) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    def use_device(self, device: torch.device) -> contextlib.AbstractContextManager:
+        return torch.cuda.device(device)
+
+    def event(self) -> Any:
+        # blocking: the writer's synchronize() sleeps instead of spinning a core
+        return torch.cuda.Event(blocking=True)
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        tensor.record_stream(stream)
+
+    def empty_pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+
+def cuda_api(device: torch.device) -> CudaApi | None:
+    """The CUDA calls to use for ``device``: None on a CPU (no copies, no streams)."""
+    return CudaApi() if device.type == "cuda" else None
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing a host tensor's memory (bfloat16 bits come back as uint16)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+@dataclass
+class Slot:
+    """One set of host buffers: ``tensors[key]`` has the largest shape any batch needs."""
+
+    index: int
+    tensors: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # numpy views of the same memory
+    ready: Any = None  # CUDA event recorded after the copies into this slot
+
+    def host(self, key: str, rows: int) -> np.ndarray:
+        return self.arrays[key][:rows]
+
+
+class HostRing:
+    """``slots`` reusable host buffer sets; ``acquire`` blocks until the writer released one."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], slots: int, api: CudaApi | None = None) -> None:
+        self._free: queue.Queue[Slot] = queue.Queue()
+        self.slots = slots
+        self.waited = 0.0  # seconds the producer spent waiting for a free slot
+        self.in_use_samples: list[int] = []
+        for i in range(slots):
+            tensors = {
+                key: (api.empty_pinned(shape, dtype) if api is not None else torch.empty(shape, dtype=dtype))
+                for key, (shape, dtype) in shapes.items()
+            }
+            self._free.put(Slot(i, tensors, {k: numpy_view(t) for k, t in tensors.items()}))
+
+    def acquire(self, alive: Callable[[], None] | None = None) -> Slot:
+        """A free slot. ``alive`` is called while waiting and raises if the consumer died."""
+        self.in_use_samples.append(self.slots - self._free.qsize())
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    slot = self._free.get(timeout=0.2)
+                    break
+                except queue.Empty:
+                    if alive is not None:
+                        alive()
+        finally:
+            self.waited += time.perf_counter() - t0
+        slot.ready = None
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        self._free.put(slot)
+
+    def occupancy(self) -> dict:
+        """How full the ring was when the loop asked for a slot: the writer's backlog."""
+        s = self.in_use_samples
+        return {"slots": self.slots, "mean_in_use": float(np.mean(s)) if s else 0.0, "max_in_use": int(max(s)) if s else 0,
+                "full": int(sum(1 for x in s if x >= self.slots))}
+
+
+class Copier:
+    """Device-to-host copies of one batch into a ring slot, on a side stream of ``device``."""
+
+    def __init__(self, device: torch.device, api: CudaApi) -> None:
+        self.device, self.api = device, api
+        self.stream = api.stream(device)
+        self.lock = threading.Lock()
+
+    def to_host(self, values: dict[str, torch.Tensor], slot: Slot) -> dict[str, int]:
+        """Queue the copies of ``values`` into ``slot`` and record ``slot.ready``; returns rows per key.
+
+        The copy stream first waits on the compute stream of the tensors' own device (not the
+        current device's), so the copies never race the kernels that produce them.
+        """
+        api = self.api
+        self.stream.wait_stream(api.current_stream(self.device))
+        rows = {}
+        with api.use_stream(self.stream):
+            for key, t in values.items():
+                host = slot.tensors[key][: t.shape[0]]
+                host.copy_(t, non_blocking=True)
+                api.record_stream(t, self.stream)
+                rows[key] = int(t.shape[0])
+            event = api.event()
+            event.record(self.stream)
+        slot.ready = event
+        return rows
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device, api: CudaApi | None) -> Iterator[None]:
+    """Make ``device`` the current CUDA device for the loop (kernels, streams, allocations)."""
+    if api is None:
+        yield
+        return
+    with api.use_device(device):
+        yield
