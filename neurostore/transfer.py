@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -66,33 +65,66 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One buffer of a slot: up to ``rows`` rows of ``inner`` shape.
+
+    ``layer_major`` buffers (activations, ``inner = (n_layers, width)``) hold a batch as
+    ``[n_layers, rows, width]``: each layer's rows are one contiguous block from the gather on the
+    device to the compressed chunk on disk, which is the layout of a Zarr chunk ``(rows, 1, width)``.
+    """
+
+    rows: int
+    inner: tuple[int, ...]
+    dtype: torch.dtype
+    layer_major: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.rows * int(np.prod(self.inner, dtype=np.int64))
+
+
 @dataclass
 class Slot:
-    """One set of host buffers: ``tensors[key]`` has the largest shape any batch needs."""
+    """One set of host buffers, flat, sized for the largest batch of the plan."""
 
     index: int
-    tensors: dict[str, torch.Tensor]
+    specs: dict[str, Spec]
+    flat: dict[str, torch.Tensor]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # numpy views of the same memory
     ready: Any = None  # CUDA event recorded after the copies into this slot
 
+    def view(self, key: str, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows as a contiguous tensor (``[n_layers, rows, width]`` if layer-major)."""
+        spec = self.specs[key]
+        n = rows * int(np.prod(spec.inner, dtype=np.int64))
+        if spec.layer_major:
+            return self.flat[key][:n].view(spec.inner[0], rows, *spec.inner[1:])
+        return self.flat[key][:n].view(rows, *spec.inner)
+
     def host(self, key: str, rows: int) -> np.ndarray:
-        return self.arrays[key][:rows]
+        """The first ``rows`` rows as numpy, rows first (``[rows, n_layers, width]``, a strided view)."""
+        spec = self.specs[key]
+        n = rows * int(np.prod(spec.inner, dtype=np.int64))
+        if spec.layer_major:
+            return self.arrays[key][:n].reshape(spec.inner[0], rows, *spec.inner[1:]).swapaxes(0, 1)
+        return self.arrays[key][:n].reshape(rows, *spec.inner)
 
 
 class HostRing:
     """``slots`` reusable host buffer sets; ``acquire`` blocks until the writer released one."""
 
-    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], slots: int, api: CudaApi | None = None) -> None:
+    def __init__(self, specs: dict[str, Spec], slots: int, api: CudaApi | None = None) -> None:
         self._free: queue.Queue[Slot] = queue.Queue()
         self.slots = slots
         self.waited = 0.0  # seconds the producer spent waiting for a free slot
         self.in_use_samples: list[int] = []
         for i in range(slots):
-            tensors = {
-                key: (api.empty_pinned(shape, dtype) if api is not None else torch.empty(shape, dtype=dtype))
-                for key, (shape, dtype) in shapes.items()
+            flat = {
+                key: (api.empty_pinned((spec.size,), spec.dtype) if api is not None else torch.empty((spec.size,), dtype=spec.dtype))
+                for key, spec in specs.items()
             }
-            self._free.put(Slot(i, tensors, {k: numpy_view(t) for k, t in tensors.items()}))
+            self._free.put(Slot(i, specs, flat, {k: numpy_view(t) for k, t in flat.items()}))
 
     def acquire(self, alive: Callable[[], None] | None = None) -> Slot:
         """A free slot. ``alive`` is called while waiting and raises if the consumer died."""
@@ -127,7 +159,6 @@ class Copier:
     def __init__(self, device: torch.device, api: CudaApi) -> None:
         self.device, self.api = device, api
         self.stream = api.stream(device)
-        self.lock = threading.Lock()
 
     def to_host(self, values: dict[str, torch.Tensor], slot: Slot) -> dict[str, int]:
         """Queue the copies of ``values`` into ``slot`` and record ``slot.ready``; returns rows per key.
@@ -140,10 +171,11 @@ class Copier:
         rows = {}
         with api.use_stream(self.stream):
             for key, t in values.items():
-                host = slot.tensors[key][: t.shape[0]]
+                n = int(t.shape[1] if slot.specs[key].layer_major else t.shape[0])
+                host = slot.view(key, n)
                 host.copy_(t, non_blocking=True)
                 api.record_stream(t, self.stream)
-                rows[key] = int(t.shape[0])
+                rows[key] = n
             event = api.event()
             event.record(self.stream)
         slot.ready = event

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
+from . import shards
 from . import store as st
 
 
@@ -60,13 +61,21 @@ def default_writers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def _layer_major(n_rows: int, inner: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A ``[n_rows, n_layers, width]`` buffer whose memory is ``[n_layers, n_rows, width]``: each
+    layer's rows (a Zarr chunk) are contiguous, so chunks compress and write without a copy."""
+    if len(inner) != 2:
+        return np.empty((n_rows, *inner), dtype=dtype)
+    return np.empty((inner[0], n_rows, inner[1]), dtype=dtype).swapaxes(0, 1)
+
+
 @dataclass
 class Batch:
     """One forward pass's results in a host ring slot. ``docs`` are store-local sentence indices.
 
-    ``rows`` maps slot keys to the rows this batch filled: ``tok:{site}`` ``[n_real, n_layers,
-    width]`` (sentences in ``docs`` order), ``doc:{site}/{pool}`` and ``doc:logits`` ``[len(docs),
-    ...]``, ``ext:{site}`` ``[n_layers, 2]`` (min and max before the cast to the store dtype).
+    ``rows`` maps slot keys to the rows this batch filled: ``tok:{site}`` (real tokens, sentences
+    in ``docs`` order), ``doc:{site}/{pool}`` and ``doc:logits`` (one row per sentence), ``ext:{site}``
+    (per layer: min and max before the cast to the store dtype). ``slot.host(key, rows)`` reads them.
     """
 
     docs: np.ndarray
@@ -99,7 +108,7 @@ class _End:
 @dataclass
 class _Job:
     window: Window
-    writes: list[tuple[zarr.Array, int, int, np.ndarray]]
+    writes: list[tuple[zarr.Array, shards.ShardEncoder | None, int, int, np.ndarray]]
     buffers: int  # which buffer set to free once written
     counts: dict[str, dict[str, int]]
     real: int
@@ -123,7 +132,7 @@ class Writer:
 
     def __post_init__(self) -> None:
         self.writers = self.writers or default_writers()
-        self.timers = {"scatter": 0.0, "wait_batch": 0.0, "wait_buffer": 0.0, "write": 0.0, "commit": 0.0, "flush_wall": 0.0}
+        self.timers = {"scatter": 0.0, "wait_batch": 0.0, "wait_buffer": 0.0, "encode": 0.0, "write": 0.0, "commit": 0.0, "flush_wall": 0.0}
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -139,6 +148,7 @@ class Writer:
         if self.meta["model"].get("classifier"):
             self.rows["doc:logits"] = st.Rows(self._array("docs/logits"), self.start_doc)
             self.rows["doc:pred"] = st.Rows(self._array("docs/pred"), self.start_doc)
+        self._encoders = {key: shards.encoder(rows.array) for key, rows in self.rows.items()}
         self._sets: list[dict[str, np.ndarray]] = [{}, {}]
         for i in range(2):
             self._free_sets.put(i)
@@ -266,7 +276,7 @@ class Writer:
             n_new = (t1 - t0) if key.startswith("tok:") else (d1 - d0)
             need = (self.max_window[0] if key.startswith("tok:") else self.max_window[1]) + rows.shard
             if key not in buffers or len(buffers[key]) < len(rows.carry) + n_new:
-                buffers[key] = np.empty((max(need, len(rows.carry) + n_new), *rows.array.shape[1:]), dtype=rows.array.dtype)
+                buffers[key] = _layer_major(max(need, len(rows.carry) + n_new), rows.array.shape[1:], rows.array.dtype)
             self._blocks[key] = rows.block(buffers[key], n_new)
         self._counts, self._real, self._padded = {}, 0, 0
 
@@ -337,7 +347,7 @@ class Writer:
 
     def _end(self, window: Window) -> None:
         _fault("window")
-        writes = [(rows.array, lo, hi, values) for key, rows in self.rows.items() for lo, hi, values in rows.cut(self._blocks[key])]
+        writes = [(rows.array, self._encoders[key], lo, hi, values) for key, rows in self.rows.items() for lo, hi, values in rows.cut(self._blocks[key])]
         job = _Job(window, writes, self._set, self._counts, self._real, self._padded)
         self._blocks, self._window = {}, None
         while True:
@@ -354,7 +364,7 @@ class Writer:
             if job is None or self._aborted.is_set():
                 return
             t0 = time.perf_counter()
-            futures = [self._pool.submit(self._write, array, lo, hi, values) for array, lo, hi, values in job.writes]
+            futures = [self._pool.submit(self._write, *write) for write in job.writes]
             for f in futures:
                 f.result()  # the first failure is raised here, after the others finished or failed
             self.timers["flush_wall"] += time.perf_counter() - t0
@@ -370,9 +380,21 @@ class Writer:
             self.timers["commit"] += time.perf_counter() - t0
             self._free_sets.put(job.buffers)
 
-    def _write(self, array: zarr.Array, lo: int, hi: int, values: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        array[lo:hi] = values
+    def _write(self, array: zarr.Array, encoder: shards.ShardEncoder | None, lo: int, hi: int, values: np.ndarray) -> None:
+        """Write rows ``[lo, hi)``: one shard (or its carried tail) of an activation array, or any
+        rows of a small table through Zarr."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        if encoder is None:
+            array[lo:hi] = values
+            encoded, c1 = t0, c0
+        else:
+            data = encoder.encode(values)
+            encoded, c1 = time.perf_counter(), time.thread_time()
+            encoder.store(lo // encoder.shard_rows, data)
+        t1, c2 = time.perf_counter(), time.thread_time()
         with self._lock:
-            self.timers["write"] += time.perf_counter() - t0
+            self.timers["encode"] += encoded - t0
+            self.timers["write"] += t1 - encoded
+            self.timers["encode_cpu"] = self.timers.get("encode_cpu", 0.0) + c1 - c0
+            self.timers["write_cpu"] = self.timers.get("write_cpu", 0.0) + c2 - c1
         _fault("flush")

@@ -1,0 +1,144 @@
+"""Encode whole shards of an activation array ourselves and hand the bytes to the Zarr store.
+
+Why: Zarr writes a shard by encoding each inner chunk as its own asyncio task and merging
+buffers; measured here, that moved 360 MB/s of float16 through bit-shuffled lz4 on one core while
+Blosc alone encodes 1.2 GB/s (benchmarks/pipeline.py, "zarr alone"). The extraction writes only
+whole shards (and the carried tail of the last one) of arrays it created itself, with one known
+layout, so it can do the encoding in one call per chunk on its own threads (Blosc releases the
+GIL), straight from the writer's buffers (which keep each layer's rows contiguous, so a chunk is
+one contiguous block: no copy before compression, none at all without it), and write the parts
+with one ``writev`` (local stores) or through the array's own store (any other). The bytes are those Zarr writes (the
+sharding codec of the Zarr v3 spec: chunks in Morton order, then the index of (offset, length)
+pairs as little-endian uint64 and its CRC32C); ``tests/test_shards.py`` checks that byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.indexing import morton_order_iter
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+EMPTY = 2**64 - 1
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+@dataclass
+class ShardEncoder:
+    """How to encode and where to store the shards of one array (see :func:`encoder`)."""
+
+    array: zarr.Array
+    chunk_rows: int
+    shard_rows: int
+    blosc: Any  # numcodecs.Blosc or None (no compression)
+    fill: Any
+    order: list[tuple[int, int, int]]  # inner chunk coordinates in Morton order
+
+    def encode(self, values: np.ndarray) -> list[Any]:
+        """The parts of one shard holding ``values`` (``rows <= shard_rows``) from its first row on.
+
+        Chunks past ``len(values)`` are left out (they read as the fill value); the chunk that
+        ``len(values)`` cuts is padded with the fill value, as Zarr pads edge chunks. Parts are
+        bytes or memoryviews of ``values`` (uncompressed chunks are not copied).
+        """
+        n_rows, n_layers, width = values.shape
+        per_shard = (self.shard_rows // self.chunk_rows, n_layers, 1)
+        index = np.full((*per_shard, 2), EMPTY, dtype="<u8")
+        parts: list[Any] = []
+        offset = 0
+        for ci, layer, _ in self.order:
+            lo = ci * self.chunk_rows
+            if lo >= n_rows:
+                continue
+            hi = min(lo + self.chunk_rows, n_rows)
+            chunk = values[lo:hi, layer]
+            if hi - lo < self.chunk_rows:
+                padded = np.full((self.chunk_rows, width), self.fill, dtype=values.dtype)
+                padded[: hi - lo] = chunk
+                chunk = padded
+            chunk = np.ascontiguousarray(chunk)  # a no-op for the writer's layer-major buffers
+            if sys.byteorder != "little":
+                chunk = chunk.astype(chunk.dtype.newbyteorder("<"))
+            data = self.blosc.encode(chunk) if self.blosc is not None else memoryview(chunk).cast("B")
+            parts.append(data)
+            index[ci, layer, 0] = (offset, len(data))
+            offset += len(data)
+        index_bytes = index.tobytes()
+        parts.append(index_bytes)
+        parts.append(np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
+        return parts
+
+    def store(self, shard: int, parts: list[Any]) -> None:
+        """Put the encoded shard number ``shard`` (along rows) into the array's store.
+
+        A local store gets the parts in one ``writev`` to a temporary file renamed into place (as
+        Zarr's own local store writes: a reader never sees half a shard); others get one buffer.
+        """
+        key = self.array.metadata.encode_chunk_key((shard, 0, 0))
+        path = f"{self.array.path}/{key}" if self.array.path else key
+        store = self.array.store_path.store
+        if isinstance(store, LocalStore):
+            target = Path(store.root) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _writev_all(fd, parts)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            return
+        buffer = default_buffer_prototype().buffer.from_bytes(b"".join(bytes(p) if isinstance(p, memoryview) else p for p in parts))
+        sync(store.set(path, buffer))
+
+
+def _writev_all(fd: int, parts: list[Any]) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        done = os.writev(fd, views[:512])
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
+
+
+def encoder(array: zarr.Array) -> ShardEncoder | None:
+    """A :class:`ShardEncoder` for an activation array of the store's layout, or None for any
+    other layout (those are written through Zarr)."""
+    codecs = array.metadata.codecs if hasattr(array.metadata, "codecs") else ()
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or array.ndim != 3:
+        return None
+    sharding = codecs[0]
+    shard_shape, chunk_shape = array.shards, sharding.chunk_shape
+    if (
+        sharding.index_location.value != "end"
+        or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]
+        or tuple(chunk_shape[1:]) != (1, array.shape[2])
+        or tuple(shard_shape[1:]) != tuple(array.shape[1:])
+    ):
+        return None
+    inner = list(sharding.codecs)
+    if not inner or not isinstance(inner[0], BytesCodec) or len(inner) > 2:
+        return None
+    blosc = None
+    if len(inner) == 2:
+        b = inner[1]
+        if not isinstance(b, BloscCodec):
+            return None
+        blosc = numcodecs.Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=_SHUFFLE[b.shuffle.value],
+                                blocksize=b.blocksize, typesize=b.typesize)
+    per_shard = (shard_shape[0] // chunk_shape[0], shard_shape[1], 1)
+    return ShardEncoder(array, chunk_shape[0], shard_shape[0], blosc, array.metadata.fill_value, list(morton_order_iter(per_shard)))
