@@ -601,13 +601,18 @@ def _real_share(metas: Sequence[dict]) -> float | None:
 
 
 def describe_nonfinite(counts: dict[str, dict[str, int]], store_dtype: str) -> list[str]:
-    """One line per array: which layers hold how many non-finite values, and what to do."""
-    lines = []
+    """One line per site: how many values the cast made non-finite, in which layers, what to do."""
+    by_site: dict[str, dict[str, int]] = {}
     for name, layers in counts.items():
-        total = sum(layers.values())
+        site = name.split("/")[1]
+        for layer, n in layers.items():
+            by_site.setdefault(site, {})[layer] = by_site.get(site, {}).get(layer, 0) + int(n)
+    lines = []
+    for site, layers in by_site.items():
+        arrays = ", ".join(f"{name} {sum(v.values()):,}" for name, v in counts.items() if name.split("/")[1] == site)
         lines.append(
-            f"{name}: {total:,} values non-finite after the cast to {store_dtype} (layers {_ranges(int(x) for x in layers)});"
-            " extract with --store-dtype bfloat16 or float32 to keep them"
+            f"site {site}: {sum(layers.values()):,} values non-finite after the cast to {store_dtype}"
+            f" (layers {_ranges(int(x) for x in layers)}; {arrays}); extract with --store-dtype bfloat16 or float32 to keep them"
         )
     return lines
 

@@ -50,7 +50,10 @@ class CudaApi:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
+        return t.to(device, non_blocking=True)  # from a pinned slot buffer: truly asynchronous
+
+    def copy_to_host(self, host: torch.Tensor, t: torch.Tensor) -> None:
+        host.copy_(t, non_blocking=True)
 
 
 def cuda_api(device: torch.device) -> CudaApi | None:
@@ -172,8 +175,7 @@ class Copier:
         with api.use_stream(self.stream):
             for key, t in values.items():
                 n = int(t.shape[1] if slot.specs[key].layer_major else t.shape[0])
-                host = slot.view(key, n)
-                host.copy_(t, non_blocking=True)
+                api.copy_to_host(slot.view(key, n), t)
                 api.record_stream(t, self.stream)
                 rows[key] = n
             event = api.event()

@@ -48,19 +48,28 @@ def reference(tiny_models, tmp_path_factory) -> tuple[Path, dict]:
     return out, arrays(out)
 
 
-@pytest.mark.parametrize("faults", [["batch:3"], ["flush:5"], ["commit:2", "flush:3", "batch:1"]])
-def test_kill_and_resume_gives_identical_store(faults, reference, tiny_models, tmp_path):
+@pytest.mark.parametrize(
+    "faults, writers",
+    [
+        (["batch:3"], "1"),
+        (["flush:5"], "1"),
+        (["commit:2", "flush:3", "batch:1"], "1"),
+        # the parallel writer: killed between scatter and write, amid shard writes, then before a commit
+        (["window:2", "flush:7", "commit:1"], "3"),
+    ],
+)
+def test_kill_and_resume_gives_identical_store(faults, writers, reference, tiny_models, tmp_path):
     ref_path, ref = reference
     out = tmp_path / "s.zarr"
-    killed = run(out, tiny_models["bert"], fault=faults[0])
+    killed = run(out, tiny_models["bert"], "--writers", writers, fault=faults[0])
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     meta = zarr.open_group(str(out), mode="r").attrs["neurostore"]
     assert not meta["complete"]
     assert run(out, tiny_models["bert"]).returncode != 0  # no --resume: refused, store untouched
     for fault in faults[1:]:  # killed again while resuming
-        again = run(out, tiny_models["bert"], "--resume", fault=fault)
+        again = run(out, tiny_models["bert"], "--resume", "--writers", writers, fault=fault)
         assert again.returncode == -signal.SIGKILL, again.stderr
-    done = run(out, tiny_models["bert"], "--resume")
+    done = run(out, tiny_models["bert"], "--resume", "--writers", writers)
     assert done.returncode == 0, done.stderr
     got = arrays(out)
     assert got.keys() == ref.keys()
