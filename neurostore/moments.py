@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -199,7 +200,7 @@ def reduce_sorted(x: np.ndarray, groups: np.ndarray, starts: np.ndarray, counts:
     kmin = np.empty((k, width), keys.dtype)
     kmax = np.empty((k, width), keys.dtype)
     positive = keys > 0  # same as x > 0: positive keys are the floats above +0.0 (and NaN)
-    buf = np.empty((int(counts.max()) if k else 0, width))
+    buf = _buffer(int(counts.max()) if k else 0, width)
     for i, (s, n) in enumerate(zip(starts.tolist(), counts.tolist())):
         np.amin(keys[s:s + n], axis=0, out=kmin[i])
         np.amax(keys[s:s + n], axis=0, out=kmax[i])
@@ -216,6 +217,18 @@ def reduce_sorted(x: np.ndarray, groups: np.ndarray, starts: np.ndarray, counts:
     out["vmin"] = _from_keys(kmin, store_dtype)
     out["vmax"] = _from_keys(kmax, store_dtype)
     return out
+
+
+_local = threading.local()
+
+
+def _buffer(rows: int, width: int) -> np.ndarray:
+    """A float64 scratch ``[rows, width]`` reused by this thread: a fresh 16 MB array per chunk
+    would be a fresh mmap, i.e. ~4,000 page faults, each time."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < rows * width:
+        buf = _local.buf = np.empty(rows * width)
+    return buf[:rows * width].reshape(rows, width)
 
 
 def _count_true(mask: np.ndarray) -> np.ndarray:
@@ -402,10 +415,7 @@ def compute(store: st.Store, sel: Selection, *, quantiles: bool = False, schedul
     gid_docs, lang_names, by_names = group_codes(store, sel)
     n_groups = len(lang_names) * len(by_names)
     tokens = sel.rows == "tokens"
-    if tokens:
-        store.acts(sel.site)  # clear errors: no token rows / unknown site
-    else:
-        store.pooled(sel.site, sel.rows)
+    _check_rows(store, sel)
     from dask import delayed
 
     token = uuid.uuid4().hex[:12]
@@ -438,6 +448,17 @@ def compute(store: st.Store, sel: Selection, *, quantiles: bool = False, schedul
         parts = [delayed(lambda: [empty_partial(n_groups, width, quantiles) for _ in lis])(dask_key_name=f"ns-{token}-empty")]
     (results,) = _run([_tree(parts, f"ns-{token}")], scheduler, workers)
     return _assemble(sel, lang_names, by_names, results, quantiles)
+
+
+def _check_rows(store: st.Store, sel: Selection) -> None:
+    """The errors of ``store.acts`` / ``store.pooled`` (no token rows, unknown site or pooling)
+    without building their dask arrays: importing ``dask.array`` alone costs ~0.5 s of a query."""
+    store.site(sel.site)
+    if sel.rows == "tokens":
+        if not store.meta["tokens"]:
+            store.acts(sel.site)
+    elif sel.rows not in store.meta["pool"]:
+        store.pooled(sel.site, sel.rows)
 
 
 # Rows per task: a shard (its index read once), split into chunk-aligned pieces while the pass
@@ -474,8 +495,10 @@ def _run(finals: list, scheduler: Any, workers: int | None) -> list:
         global _local_passes
         _local_passes += 1
         try:
+            from dask.threaded import get  # a callable: dask does not import distributed to look for a client
+
             with zarr.config.set(ZARR_TASK_CONFIG):
-                return list(dask.compute(*finals, scheduler="threads", num_workers=workers or os.cpu_count() or 1))
+                return list(dask.compute(*finals, scheduler=get, num_workers=workers or os.cpu_count() or 1))
         finally:
             _local_passes -= 1
     if isinstance(scheduler, str):
