@@ -135,6 +135,8 @@ def _shard_blocks(src: ShardSource, lo: int, hi: int, layers: Sequence[int]) -> 
     try:
         index = None if fd is None else _read_index(fd, per_shard * src.n_layers, path)
         dtype = np.dtype(src.dtype)
+        if index is not None:
+            _read_ahead(fd, index, src, (lo - base) // src.chunk_rows, -(-(hi - base) // src.chunk_rows), layers)
         for c in range((lo - base) // src.chunk_rows, -(-(hi - base) // src.chunk_rows)):
             clo = base + c * src.chunk_rows
             a, b = max(lo, clo), min(hi, clo + src.chunk_rows)
@@ -148,6 +150,18 @@ def _shard_blocks(src: ShardSource, lo: int, hi: int, layers: Sequence[int]) -> 
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _read_ahead(fd: int, index: np.ndarray, src: ShardSource, c0: int, c1: int, layers: Sequence[int]) -> None:
+    """Ask the kernel to start reading every chunk this task will decode: the reads then overlap
+    with the decoding and reduction of the chunks before them, in the same thread."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    rows = index[[c * src.n_layers + li for c in range(c0, c1) for li in layers]]
+    rows = rows[rows[:, 0] != MAX_U64]
+    if len(rows):
+        start = int(rows[:, 0].min())
+        os.posix_fadvise(fd, start, int((rows[:, 0] + rows[:, 1]).max()) - start, os.POSIX_FADV_WILLNEED)
 
 
 def _read_index(fd: int, n_chunks: int, path: str) -> np.ndarray:
