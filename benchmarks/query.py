@@ -203,10 +203,16 @@ def child_pass(a) -> dict:
                 seconds = time.perf_counter() - t0
                 worker_rss = max(client.run(common.peak_rss_mb).values())
     else:
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         mom = mo.compute(s, sel, quantiles=a.quantiles, workers=a.threads)
         seconds = time.perf_counter() - t0
-    return {"ok": True, "seconds": seconds, "rows": int(mom.count.sum()), "worker_peak_rss_mb": worker_rss}
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    # CPU seconds of this process (all its threads): on a shared machine MB per CPU-second is the
+    # figure that other jobs do not move; not measured across a cluster's worker processes.
+    return {"ok": True, "seconds": seconds, "rows": int(mom.count.sum()), "worker_peak_rss_mb": worker_rss,
+            "cpu_seconds": None if a.cluster else cpu}
 
 
 def child(a) -> None:
@@ -313,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             r = run_pass(path, a, work, threads, cluster, quantiles)
             if r.get("ok"):
                 r["mb_s"] = info["store_bytes"] / r["seconds"] / 1e6
+                r["mb_per_cpu_s"] = info["store_bytes"] / r["cpu_seconds"] / 1e6 if r.get("cpu_seconds") else None
                 r["x_odirect"] = r["mb_s"] / direct["mb_s"] if direct["ok"] else None
             entry["passes"][key] = r
-            shown = (f"{r['seconds']:.2f}s {r['mb_s']:,.0f} MB/s ({common.fmt(r['x_odirect'], 2)}x O_DIRECT) RSS {r['peak_rss_mb']:,.0f} MiB"
+            shown = (f"{r['seconds']:.2f}s {r['mb_s']:,.0f} MB/s ({common.fmt(r['x_odirect'], 2)}x O_DIRECT), "
+                     f"{common.fmt(r.get('mb_per_cpu_s'), 0)} MB per CPU-s, RSS {r['peak_rss_mb']:,.0f} MiB"
                      + (f", workers {r['worker_peak_rss_mb']:,.0f} MiB" if r.get("worker_peak_rss_mb") else "")) if r.get("ok") else r.get("error")
             print(f"  {label:36s} {shown}", flush=True)
         for q in queries:
@@ -360,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(rss) >= 2:
         goals.append({"target": "pass peak RSS flat in store size (largest / smallest <= 1.10)", "pass": rss[-1][1] / rss[0][1] <= 1.10,
                       "detail": ", ".join(f"{s:,} MB: {r:,.0f} MiB" for s, r in rss)})
-    plines = ["| store (raw MB) | on disk MB | O_DIRECT MB/s | row | s | MB/s | x O_DIRECT | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    plines = ["| store (raw MB) | on disk MB | O_DIRECT MB/s | row | s | MB/s | x O_DIRECT | MB per CPU-s | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for e in out_sizes:
         for key, label, *_ in PASS_ROWS:
             r = e["passes"].get(key)
@@ -369,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             rss_txt = common.fmt(r.get("peak_rss_mb"), 0) + (f" (+ workers {r['worker_peak_rss_mb']:,.0f} each)" if r.get("worker_peak_rss_mb") else "")
             plines.append(f"| {e['size_mb']:,} | {e['store_bytes'] / 1e6:,.0f} | {common.fmt(e['odirect'].get('mb_s'), 0)} | {label} "
                           f"| {common.fmt(r.get('seconds'), 2) if r.get('ok') else 'failed: ' + r.get('error', '')[:60]} | {common.fmt(r.get('mb_s'), 0)} "
-                          f"| {common.fmt(r.get('x_odirect'), 2)} | {rss_txt} |")
+                          f"| {common.fmt(r.get('x_odirect'), 2)} | {common.fmt(r.get('mb_per_cpu_s'), 0)} | {rss_txt} |")
     lines = plines + ["", "| store (raw MB) | query | neurostore s | MB/s (share of raw read) | RSS MiB | cached s | in-memory s | in-memory RSS MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for e in out_sizes:
@@ -393,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                      "limit_mb": a.limit_mb, "layers": a.layers, "width": a.width, "store_dtype": "float16", "threads": a.threads,
                      "env": ENV, "rss": "ru_maxrss of a fresh child process per query",
                      "cold": "page cache of the store dropped (posix_fadvise DONTNEED) before each first query"},
-        "sizes": out_sizes, "targets": goals, "table_markdown": table, "wall_seconds": time.perf_counter() - started,
+        "load_average_at_end": os.getloadavg(), "sizes": out_sizes, "targets": goals, "table_markdown": table, "wall_seconds": time.perf_counter() - started,
     }
     path = common.save_results(payload, "query-quick" if a.quick else "query", Path(a.results))
     print(f"\nresults: {path}  ({payload['wall_seconds']:.0f} s)")
