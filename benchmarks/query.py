@@ -10,12 +10,19 @@ a query is allowed): neurostore's query API, and numpy loading the slice into me
 computing the same statistic. Page caches are dropped before each timed pass; the raw cold read
 bandwidth of the same files is measured alongside. A second neurostore query on the same slice
 (answered from the in-store cache) is timed too.
+
+The pass rows time the grouped pass alone (``moments.compute`` over every layer of the token rows,
+by label, no cache) side by side with a sequential ``O_DIRECT`` read of the same files: with 1 and
+2 local worker threads, on a 2-worker ``distributed.LocalCluster`` (processes), and with the
+quantile sketch; each in a fresh child, the store's pages evicted first (``posix_fadvise``
+DONTNEED on its files; the global ``drop_caches`` would also evict a concurrent job's files).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import resource
 import shutil
@@ -78,6 +85,34 @@ def build_store(path: Path, n_tokens: int, n_layers: int, width: int, seed: int 
     st.commit(group, st.read_meta(group), n_docs, total, complete=True)
     return {"n_tokens": total, "n_docs": n_docs, "n_layers": n_layers, "width": width,
             "raw_bytes": total * n_layers * width * 2, "store_bytes": common.dir_bytes(path / "acts" / "mlp")}
+
+
+# ----------------------------------------------------------------------------------------------
+# raw reads
+
+
+def odirect_read(path: Path, block: int = 8 << 20) -> dict:
+    """Sequential read of every file under ``path`` with ``O_DIRECT`` (no page cache, so always
+    from the device) into one page-aligned buffer. MB/s = 1e6 bytes per second."""
+    files = sorted(Path(d) / f for d, _, fs in os.walk(path) for f in fs)
+    buf = mmap.mmap(-1, block)  # anonymous maps are page aligned, as O_DIRECT requires
+    total = 0
+    t0 = time.perf_counter()
+    try:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+            try:
+                while True:
+                    n = os.readv(fd, [buf])
+                    total += n
+                    if n < block:
+                        break
+            finally:
+                os.close(fd)
+    except OSError as err:  # e.g. tmpfs has no O_DIRECT
+        return {"ok": False, "error": f"O_DIRECT read failed: {err}"}
+    dt = time.perf_counter() - t0
+    return {"ok": True, "bytes": total, "seconds": dt, "mb_s": total / dt / 1e6, "block": block}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,10 +184,41 @@ def child_memory(a) -> dict:
     return {"ok": True, "seconds": time.perf_counter() - t0, "finite": bool(np.isfinite(result).any())}
 
 
+def child_pass(a) -> dict:
+    """The grouped pass alone: every layer of the token rows, by label, no cache."""
+    import neurostore
+    from neurostore import moments as mo
+
+    s = neurostore.open(a.store)
+    sel = mo.Selection("mlp", tuple(s.sites["mlp"]["layers"]), "tokens", "label")
+    worker_rss = None
+    if a.cluster:
+        import distributed
+
+        with distributed.LocalCluster(n_workers=a.threads, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            with distributed.Client(cluster) as client:
+                client.run(lambda: None)  # workers up before the clock
+                t0 = time.perf_counter()
+                mom = mo.compute(s, sel, quantiles=a.quantiles, scheduler=client)
+                seconds = time.perf_counter() - t0
+                worker_rss = max(client.run(common.peak_rss_mb).values())
+    else:
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        mom = mo.compute(s, sel, quantiles=a.quantiles, workers=a.threads)
+        seconds = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    # CPU seconds of this process (all its threads): on a shared machine MB per CPU-second is the
+    # figure that other jobs do not move; not measured across a cluster's worker processes.
+    return {"ok": True, "seconds": seconds, "rows": int(mom.count.sum()), "worker_peak_rss_mb": worker_rss,
+            "cpu_seconds": None if a.cluster else cpu}
+
+
 def child(a) -> None:
     _limit(a.limit_mb)
     try:
-        info = child_neurostore(a) if a.child == "neurostore" else child_memory(a)
+        info = {"neurostore": child_neurostore, "memory": child_memory, "pass": child_pass}[a.child](a)
     except MemoryError:
         info = {"ok": False, "error": f"MemoryError under a {a.limit_mb} MiB address-space limit"}
     except Exception as err:  # noqa: BLE001 - report how it failed
@@ -178,6 +244,26 @@ def run_one(kind: str, store: Path, query: str, a, work: Path) -> dict:
         return {"ok": False, "error": str(err).splitlines()[0][:300]}
 
 
+def run_pass(store: Path, a, work: Path, threads: int, cluster: bool = False, quantiles: bool = False) -> dict:
+    common.drop_cache(store)
+    args = ["benchmarks.query", "--child", "pass", "--store", str(store), "--threads", str(threads),
+            "--limit-mb", "0", "--result", str(work / "result.json")]
+    args += ["--cluster"] if cluster else []
+    args += ["--quantiles"] if quantiles else []
+    try:
+        return common.run_child(args, env=ENV, timeout=1800)
+    except Exception as err:  # noqa: BLE001
+        return {"ok": False, "error": str(err).splitlines()[0][:300]}
+
+
+PASS_ROWS = (  # (key, label, threads, cluster, quantiles)
+    ("threads1", "pass, 1 local thread", 1, False, False),
+    ("threads2", "pass, 2 local threads", 2, False, False),
+    ("cluster2", "pass, LocalCluster 2 workers", 2, True, False),
+    ("quantiles2", "pass + quantile sketch, 2 threads", 2, False, True),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.query", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run: two small stores, one repeat.")
@@ -189,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="Query worker threads (default: all cores).")
     p.add_argument("--work", default=None, help="Scratch folder for the stores (default: a temporary folder).")
     p.add_argument("--results", default=str(common.RESULTS), help="Folder for the results JSON.")
+    p.add_argument("--passes", default="threads1,threads2,cluster2,quantiles2",
+                   help="Pass rows to run (threads1, threads2, cluster2, quantiles2; empty for none).")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quantiles", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--query", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -219,7 +309,23 @@ def main(argv: list[str] | None = None) -> int:
         bw_warm = common.read_bandwidth([acts], cold=False)
         print(f"store {size} MB raw: {info['n_tokens']:,} tokens, {info['store_bytes'] / 1e6:,.0f} MB on disk; "
               f"raw read {bw['mb_s']:,.0f} MB/s cold, {bw_warm['mb_s']:,.0f} MB/s warm", flush=True)
-        entry = {"size_mb": size, **info, "read_bandwidth": bw, "read_bandwidth_warm": bw_warm, "queries": []}
+        common.drop_cache(acts)
+        direct = odirect_read(acts)
+        print(f"  O_DIRECT sequential read: " + (f"{direct['mb_s']:,.0f} MB/s" if direct["ok"] else direct["error"]), flush=True)
+        entry = {"size_mb": size, **info, "read_bandwidth": bw, "read_bandwidth_warm": bw_warm, "odirect": direct,
+                 "passes": {}, "queries": []}
+        wanted = [r for r in PASS_ROWS if r[0] in a.passes.split(",")]
+        for key, label, threads, cluster, quantiles in wanted:
+            r = run_pass(path, a, work, threads, cluster, quantiles)
+            if r.get("ok"):
+                r["mb_s"] = info["store_bytes"] / r["seconds"] / 1e6
+                r["mb_per_cpu_s"] = info["store_bytes"] / r["cpu_seconds"] / 1e6 if r.get("cpu_seconds") else None
+                r["x_odirect"] = r["mb_s"] / direct["mb_s"] if direct["ok"] else None
+            entry["passes"][key] = r
+            shown = (f"{r['seconds']:.2f}s {r['mb_s']:,.0f} MB/s ({common.fmt(r['x_odirect'], 2)}x O_DIRECT), "
+                     f"{common.fmt(r.get('mb_per_cpu_s'), 0)} MB per CPU-s, RSS {r['peak_rss_mb']:,.0f} MiB"
+                     + (f", workers {r['worker_peak_rss_mb']:,.0f} MiB" if r.get("worker_peak_rss_mb") else "")) if r.get("ok") else r.get("error")
+            print(f"  {label:36s} {shown}", flush=True)
         for q in queries:
             layers_read = 1 if q in ("variance", "correlate") else a.layers
             read = info["store_bytes"] * layers_read / a.layers
@@ -248,7 +354,32 @@ def main(argv: list[str] | None = None) -> int:
                           "detail": f"{ns['mb_s']:,.0f} of {largest['read_bandwidth']['mb_s']:,.0f} MB/s ({ns['share_of_raw_read']:.0%})"})
             goals.append({"target": f"{q['query']}: second (cached) query < 1 s", "pass": ns["cached_seconds"] < 1.0,
                           "detail": f"{ns['cached_seconds']:.3f} s"})
-    lines = ["| store (raw MB) | query | neurostore s | MB/s (share of raw read) | RSS MiB | cached s | in-memory s | in-memory RSS MiB |",
+    ps = largest["passes"]
+    if ps.get("threads2", {}).get("ok") and largest["odirect"]["ok"]:
+        r = ps["threads2"]
+        goals.append({"target": f"uncached pass (2 threads, store pages evicted) >= 0.5x O_DIRECT sequential read at {largest['size_mb']} MB",
+                      "pass": r["x_odirect"] >= 0.5,
+                      "detail": f"{r['mb_s']:,.0f} of {largest['odirect']['mb_s']:,.0f} MB/s ({r['x_odirect']:.2f}x)"})
+    if ps.get("threads2", {}).get("ok") and ps.get("cluster2", {}).get("ok"):
+        ratio = ps["threads2"]["seconds"] / ps["cluster2"]["seconds"]
+        goals.append({"target": "LocalCluster (2 worker processes) within 20% of 2 local threads", "pass": ratio >= 0.8,
+                      "detail": f"{ps['cluster2']['mb_s']:,.0f} vs {ps['threads2']['mb_s']:,.0f} MB/s ({ratio:.2f}x)"})
+    rss = [(e["size_mb"], e["passes"]["threads2"]["peak_rss_mb"]) for e in out_sizes if e["passes"].get("threads2", {}).get("ok")]
+    if len(rss) >= 2:
+        goals.append({"target": "pass peak RSS flat in store size (largest / smallest <= 1.10)", "pass": rss[-1][1] / rss[0][1] <= 1.10,
+                      "detail": ", ".join(f"{s:,} MB: {r:,.0f} MiB" for s, r in rss)})
+    plines = ["| store (raw MB) | on disk MB | O_DIRECT MB/s | row | s | MB/s | x O_DIRECT | MB per CPU-s | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for e in out_sizes:
+        for key, label, *_ in PASS_ROWS:
+            r = e["passes"].get(key)
+            if r is None:
+                continue
+            rss_txt = common.fmt(r.get("peak_rss_mb"), 0) + (f" (+ workers {r['worker_peak_rss_mb']:,.0f} each)" if r.get("worker_peak_rss_mb") else "")
+            plines.append(f"| {e['size_mb']:,} | {e['store_bytes'] / 1e6:,.0f} | {common.fmt(e['odirect'].get('mb_s'), 0)} | {label} "
+                          f"| {common.fmt(r.get('seconds'), 2) if r.get('ok') else 'failed: ' + r.get('error', '')[:60]} | {common.fmt(r.get('mb_s'), 0)} "
+                          f"| {common.fmt(r.get('x_odirect'), 2)} | {common.fmt(r.get('mb_per_cpu_s'), 0)} | {rss_txt} |")
+    lines = plines + ["", "| store (raw MB) | query | neurostore s | MB/s (share of raw read) | RSS MiB | cached s | in-memory s | in-memory RSS MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for e in out_sizes:
         for q in e["queries"]:
@@ -267,10 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "query", "quick": a.quick,
         "command": "python -m benchmarks.query " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": common.machine(work, a.threads),
-        "settings": {"limit_mb": a.limit_mb, "layers": a.layers, "width": a.width, "store_dtype": "float16", "threads": a.threads,
+        "settings": {"passes": a.passes, "page_cache": "store files evicted with posix_fadvise(DONTNEED) before each timed pass and read; O_DIRECT bypasses it",
+                     "limit_mb": a.limit_mb, "layers": a.layers, "width": a.width, "store_dtype": "float16", "threads": a.threads,
                      "env": ENV, "rss": "ru_maxrss of a fresh child process per query",
                      "cold": "page cache of the store dropped (posix_fadvise DONTNEED) before each first query"},
-        "sizes": out_sizes, "targets": goals, "table_markdown": table, "wall_seconds": time.perf_counter() - started,
+        "load_average_at_end": os.getloadavg(), "sizes": out_sizes, "targets": goals, "table_markdown": table, "wall_seconds": time.perf_counter() - started,
     }
     path = common.save_results(payload, "query-quick" if a.quick else "query", Path(a.results))
     print(f"\nresults: {path}  ({payload['wall_seconds']:.0f} s)")

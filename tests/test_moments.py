@@ -176,3 +176,160 @@ def test_bad_selections(synth):
         mo.compute(s, mo.Selection("resid", (0,), "mean", "topic"))
     with pytest.raises(NeurostoreError, match="--lang de"):
         mo.compute(s, mo.Selection("resid", (0,), "mean", "label", (("lang", ("de",)),)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the streaming reduction against a float64 reference on adversarial data
+
+
+def _reference(x64, gid, n_groups):
+    """Two-pass float64 statistics per group (the definition)."""
+    out = []
+    for g in range(n_groups):
+        xs = x64[gid == g]
+        if len(xs) == 0:
+            out.append(None)
+            continue
+        m = xs.mean(0)
+        out.append((len(xs), m, ((xs - m) ** 2).sum(0), (xs > 0).sum(0), xs.min(0), xs.max(0)))
+    return out
+
+
+def _check_partial(p, x64, gid, n_groups):
+    for g, ref in enumerate(_reference(x64, gid, n_groups)):
+        if ref is None:
+            assert p["count"][g] == 0 and np.all(p["m2"][g] == 0) and np.all(np.isinf(p["vmin"][g]))
+            continue
+        n, mean, m2, pos, vmin, vmax = ref
+        assert p["count"][g] == n
+        scale = np.abs(x64[gid == g]).max(0)
+        assert np.all(np.abs(p["mean"][g] - mean) <= 1e-6 * np.abs(mean) + 1e-12 * scale), g
+        assert np.all(np.abs(p["m2"][g] - m2) <= 1e-6 * m2), (g, p["m2"][g], m2)
+        assert np.array_equal(p["pos"][g], pos)
+        assert np.array_equal(p["vmin"][g], vmin) and np.array_equal(p["vmax"][g], vmax)
+
+
+def _adversarial(rng, rows, width, dtype, gid=None):
+    """Per-group offsets of both signs, huge against the spread, float16 extremes and subnormals,
+    exact zeros of both signs and a constant neuron."""
+    gid = _adversarial_groups(rng, rows) if gid is None else gid
+    offset = np.where(np.arange(64) % 2, 1.0, -1.0)[np.maximum(gid, 0)][:, None]
+    if dtype == "float16":
+        x = 2048.0 * offset + 2.0 * rng.integers(-2, 3, size=(rows, width))  # ulp at 2048 is 2
+        x[:, 1] = rng.choice([65504.0, -65504.0, 6e-8, -6e-8, 0.0, -0.0], size=rows)
+        x[:, 2] = rng.standard_normal(rows) * 1e-5  # subnormals and tiny normals
+        stored = x.astype(np.float16)
+        return stored, stored.astype(np.float64), gid
+    x = 1e4 * offset + 1e-3 * rng.standard_normal((rows, width))  # cancellation: offset^2 / var = 1e14
+    x[:, 1] = 0.0
+    x[:, 2] = rng.choice([3e38, -3e38, 1e-38, 0.0], size=rows)
+    x[:, 3] = -7.25  # constant
+    x = x.astype(np.float32)
+    if dtype == "bfloat16":
+        bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+        return bits, st.decode(bits, "bfloat16").astype(np.float64), gid
+    return x, x.astype(np.float64), gid
+
+
+def _adversarial_groups(rng, rows):
+    gid = np.repeat(rng.integers(-1, 9, size=rows // 3 + 1), 3)[:rows]  # runs of 3 rows, -1 = left out
+    gid[:5] = 7  # a longer run
+    gid[gid == 8] = 6
+    gid[rows // 2] = 8  # a one-row group
+    gid[gid == 3] = 4  # an empty group
+    return gid
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_reduce_block_adversarial(dtype):
+    rng = np.random.default_rng(3)
+    stored, x64, gid = _adversarial(rng, 999, 16, dtype)
+    p = mo.reduce_block(stored, gid, 10, False, store_dtype=dtype)
+    _check_partial(p, x64, gid, 10)
+    if dtype == "float32":
+        assert np.all(p["m2"][:, 3] == 0), "a constant neuron has exactly zero spread"
+    # split anywhere and merged (Chan) gives the same statistics
+    parts = [mo.reduce_block(stored[a:b], gid[a:b], 10, False, store_dtype=dtype) for a, b in ((0, 1), (1, 400), (400, 999))]
+    _check_partial(mo.merge(parts), x64, gid, 10)
+
+
+def test_pass_adversarial_store(tmp_path):
+    """The whole pass (shard reader, runs, tasks, tree) on stored adversarial values."""
+    for dtype in ("float16", "bfloat16", "float32"):
+        synth = make_store(str(tmp_path / f"a-{dtype}.zarr"), store_dtype=dtype, n_docs=200, pools=(), seed=4,
+                           chunk_bytes=2048, shard_bytes=16384)
+        s = neurostore.open(synth.path)
+        arr = s.groups[0]["acts/mlp"]
+        rows = s.n_tokens
+        doc = synth.doc_of_token
+        gid = np.where(synth.label[doc] >= 0, synth.lang[doc] * len(synth.labels) + synth.label[doc], -1)
+        stored, x64, _ = _adversarial(np.random.default_rng(5), rows, 12, dtype, gid)
+        group = st.open_group(synth.path, mode="r+")
+        full = np.zeros(arr.shape, arr.dtype)
+        full[:, 1] = stored
+        group["acts/mlp"][...] = full
+        mom = mo.compute(neurostore.open(synth.path), mo.Selection("mlp", (1,), "tokens", "label"), workers=2)
+        flat = {k: getattr(mom, k)[:, :, 0].reshape(-1, 12) for k in ("mean", "m2", "pos", "vmin", "vmax")}
+        flat["count"] = mom.count.reshape(-1)
+        _check_partial(flat, x64, gid, len(synth.langs) * len(synth.labels))
+
+
+def test_shard_reader_matches_zarr(synth, monkeypatch):
+    from neurostore import chunks as ch
+
+    s = neurostore.open(synth.path)
+    arr = s.groups[0]["acts/mlp"]
+    src = ch.source(arr)
+    assert isinstance(src, ch.ShardSource), "the store's own layout is read directly"
+    chunk, shard = ch.step(src)
+    for lo in range(0, s.n_tokens, shard):
+        hi = min(s.n_tokens, lo + shard)
+        got = list(ch.blocks(src, lo, hi, (0, 2)))
+        want = list(ch.blocks(ch.ZarrSource(arr), lo, hi, (0, 2)))
+        assert [(a, b, j) for a, b, j, _ in got] == [(a, b, j) for a, b, j, _ in want]
+        for g, w in zip(got, want):
+            assert np.array_equal(g[3], w[3])
+    sel = mo.Selection("mlp", (0, 2), "tokens", "label")
+    fast = mo.compute(s, sel, quantiles=True, workers=2)
+    monkeypatch.setattr(ch, "source", ch.ZarrSource)
+    slow = mo.compute(s, sel, quantiles=True, workers=2)
+    for key in ("count", "mean", "m2", "pos", "vmin", "vmax", "hist"):
+        assert np.array_equal(getattr(fast, key), getattr(slow, key)), key
+
+
+def test_damaged_shard_index_is_an_error(tmp_path):
+    from pathlib import Path
+
+    synth = make_store(str(tmp_path / "d.zarr"), n_docs=30, pools=())
+    shard = sorted(p for p in (Path(synth.path) / "acts" / "resid").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # inside the index
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(NeurostoreError, match="checksum mismatch"):
+        mo.compute(neurostore.open(synth.path), mo.Selection("resid", (0,), "tokens", None), workers=1)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sketch_table_is_the_definition(dtype):
+    from neurostore import sketch as sk
+
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):
+        values = (bits.astype(np.uint16).view(np.float16).astype(np.float64) if dtype == "float16"
+                  else (bits << 16).view(np.float32).astype(np.float64))
+    ok = ~np.isnan(values)
+    assert np.array_equal(sk.bins(bits.astype(np.uint16), dtype)[ok], mo.hist_bins(values[ok]))
+
+
+def test_sketch_float32_bins_exact():
+    from neurostore import sketch as sk
+
+    rng = np.random.default_rng(0)
+    edges = np.sinh(-mo.HIST_RANGE + np.arange(mo.HIST_BINS + 1) * mo.HIST_WIDTH)
+    x = np.concatenate([
+        (rng.standard_normal(200_000) * 30).astype(np.float32),
+        edges.astype(np.float32), np.nextafter(edges.astype(np.float32), np.float32(np.inf)),
+        np.nextafter(edges.astype(np.float32), np.float32(-np.inf)),
+        np.float32([0.0, -0.0, np.inf, -np.inf, 3e38, -3e38, 1e-45, -1e-45]),
+    ])
+    assert np.array_equal(sk.bins(x, "float32"), mo.hist_bins(x.astype(np.float64)))
