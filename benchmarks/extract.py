@@ -115,11 +115,9 @@ def row_bare(loaded, corpus: Path, out: Path, a) -> dict:
 
 def _row_neurostore(loaded, corpus: Path, out: Path, a, sites: list[str], tokens: bool) -> dict:
     from neurostore import extract as ex
-    from neurostore import models
 
-    models.load = lambda *args, **kw: loaded  # the model is loaded before the clock starts
-    store = out / "store.zarr"
-    res = ex.extract([str(corpus)], str(store), model=a.model_path,
+    store = out / "store.zarr"  # the model was loaded before the clock starts: extract() takes it as is
+    res = ex.extract([str(corpus)], str(store), model=loaded,
                      options=ex.ExtractOptions(sites=sites, tokens=tokens, max_batch_tokens=a.batch_tokens))
     meta = res.meta
     values = 0

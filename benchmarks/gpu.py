@@ -5,12 +5,14 @@
     python -m benchmarks.gpu --quick      # one size, one dtype, two budgets
 
 For every (model size, dtype, token budget) it runs, interleaved over repeats, the bare forward
-pass (same batches, activations discarded) and ``neurostore extract`` of ``resid`` for all layers
-and tokens, and reports tokens/s, the ratio to the bare forward, and the share of wall time spent
-in the forward pass on the GPU (CUDA events around every forward), in the device-to-host copy (CUDA
-events on neurostore's copy stream) and in the writer thread (scatter, compression and writes,
-wall clock), with the GPU utilisation sampled every 100 ms (``nvidia-smi``, or
-``torch.cuda.utilization`` where pynvml is installed). Models have random weights built from
+pass over exactly the batches neurostore will run (same plan, padded and uploaded as carefully,
+activations dropped) and ``extract()`` of ``resid`` for all layers and tokens on the same loaded
+model, both warmed up in the compute dtype under autocast. It reports tokens/s of the loop (first
+forward to last commit: tokenising and creating the store are outside both clocks), the ratio to
+the bare forward, device time of the forwards and of the copies (CUDA events), the writer's own
+work (scatter, encode, write, commit; waiting on the GPU counted apart), how often the forward
+waited for a free pinned slot, the real-token share of the batches, and the GPU utilisation of the
+device used (``torch.cuda.utilization``, or ``nvidia-smi -i N``; unknown when neither answers). Models have random weights built from
 ``XLMRobertaConfig`` (speed does not depend on the weights) and the packaged MiniLM tokenizer.
 """
 
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
+from benchmarks.extract import texts_of
 
 SIZES = {
     "xlmr-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
@@ -51,26 +54,28 @@ def build(folder: Path, size: str) -> Path:
 
 
 class UtilSampler:
-    """GPU utilisation (%) every ``period`` seconds in a background thread."""
+    """GPU utilisation (%) of one device every ``period`` seconds; ``mean()`` is None when unknown."""
 
-    def __init__(self, period: float = 0.1) -> None:
-        self.period, self.samples, self._stop = period, [], threading.Event()
+    def __init__(self, index: int, period: float = 0.1) -> None:
+        self.index, self.period, self.samples, self._stop = index, period, [], threading.Event()
         self.source = None
         self._proc = None
+        self._thread = None
 
     def __enter__(self) -> UtilSampler:
         import torch
 
         try:
-            torch.cuda.utilization()
+            torch.cuda.utilization(self.index)
             self.source = "torch.cuda.utilization"
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
-        except Exception:  # noqa: BLE001 - no pynvml: fall back to nvidia-smi
+        except Exception:  # noqa: BLE001 - no pynvml: fall back to nvidia-smi for this device only
             if shutil.which("nvidia-smi"):
-                self.source = "nvidia-smi"
+                self.source = f"nvidia-smi -i {self.index}"
                 self._proc = subprocess.Popen(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={int(self.period * 1000)}"],
+                    ["nvidia-smi", "-i", str(self.index), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                     f"-lms={int(self.period * 1000)}"],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 self._thread = threading.Thread(target=self._read, daemon=True)
                 self._thread.start()
@@ -80,14 +85,14 @@ class UtilSampler:
         import torch
 
         while not self._stop.is_set():
-            self.samples.append(float(torch.cuda.utilization()))
+            self.samples.append(float(torch.cuda.utilization(self.index)))
             time.sleep(self.period)
 
     def _read(self) -> None:
         for line in self._proc.stdout:
             try:
-                self.samples.append(float(line.strip().split(",")[0]))
-            except ValueError:
+                self.samples.append(float(line.strip()))
+            except ValueError:  # "[N/A]" and the like: unknown, not 0%
                 pass
 
     def __exit__(self, *exc) -> None:
@@ -100,89 +105,89 @@ class UtilSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def bare(loaded, ids, lengths, budget, compute) -> dict:
+def plan(loaded, corpus: Path, budget: int, store_dtype: str = "float16"):
+    """The batches neurostore will run for ``resid`` (all layers, tokens, default pooling): bare
+    runs exactly this list, so the ratio measures the pipeline, not another batching."""
+    import numpy as np
+
+    from neurostore import batching
+    from neurostore import extract as ex
+
+    ids, _ = batching.tokenize(loaded.tokenizer, texts_of(corpus), loaded.max_length())
+    n_tokens = np.array([len(x) for x in ids])
+    per_row = (loaded.n_layers + 1) * loaded.hidden_size * 2
+    opts = ex.ExtractOptions(sites=["resid"], pool=["first", "mean"], tokens=True, store_dtype=store_dtype, max_batch_tokens=budget)
+    opts.buffer_mb = batching.default_buffer_mb(loaded.device, budget, per_row)
+    windows = ex.plan_windows(n_tokens, per_row, opts)
+    return ids, n_tokens, [b for p in ex.plan_batches(n_tokens, windows, opts, batching.PLAN_VERSION) for b in p], opts.buffer_mb
+
+
+class Timed:
+    """Wraps a model: CUDA events around every forward (device time, not launch time)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.events = model, []
+
+    def __call__(self, *args, **kw):
+        import torch
+
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        out = self.model(*args, **kw)
+        e.record()
+        self.events.append((s, e))
+        return out
+
+    def seconds(self) -> float:
+        return sum(s.elapsed_time(e) for s, e in self.events) / 1000
+
+
+def bare(loaded, ids, batches, compute) -> dict:
+    """The same batches, padded and uploaded as carefully (pinned, non-blocking), outputs dropped."""
     import torch
 
     from neurostore import batching, models
 
-    events = []
+    timed = Timed(loaded.model)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.inference_mode(), UtilSampler() as util:
-        for docs in batching.plan_batches(lengths, budget):
+    with torch.inference_mode(), UtilSampler(loaded.device.index or 0) as util:
+        for docs in batches:
             x, mask = batching.pad([ids[i] for i in docs], loaded.pad_id, loaded.device, pin=True)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
             with models.autocast(loaded.device, compute):
-                loaded.model(input_ids=x, attention_mask=mask)
-            e.record()
-            events.append((s, e))
+                timed(input_ids=x, attention_mask=mask, output_hidden_states=True)
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    fwd = sum(s.elapsed_time(e) for s, e in events) / 1000
-    return {"seconds": wall, "forward_s": fwd, "gpu_util": util.mean(), "util_source": util.source}
+    return {"seconds": wall, "forward_s": timed.seconds(), "gpu_util": util.mean(), "util_source": util.source}
 
 
-def neurostore_run(loaded, corpus: Path, out: Path, budget: int, dtype: str) -> dict:
+def neurostore_run(loaded, corpus: Path, out: Path, budget: int, dtype: str, buffer_mb: int) -> dict:
+    """``extract()`` of resid on the loaded model; the loop's wall time excludes tokenising and
+    creating the store (``stages["loop"]``), as the bare row's does."""
+    import dataclasses
+
     import torch
 
     from neurostore import extract as ex
-    from neurostore import models, writer
 
-    fwd_events, copy_events, busy = [], [], {"writer": 0.0}
-    model_forward = loaded.model.forward
-
-    def forward(*args, **kw):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        out_ = model_forward(*args, **kw)
-        e.record()
-        fwd_events.append((s, e))
-        return out_
-
-    to_host = ex._to_host_async
-
-    def to_host_timed(batch, stream):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        stream.wait_stream(torch.cuda.current_stream())
-        s.record(stream)
-        to_host(batch, stream)
-        e.record(stream)
-        copy_events.append((s, e))
-
-    def timed(fn):
-        def wrapper(*args, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                busy["writer"] += time.perf_counter() - t
-        return wrapper
-
-    saved = (models.load, ex._to_host_async, writer.Writer._scatter, writer.Writer._finish)
-    models.load = lambda *a, **k: loaded
-    ex._to_host_async = to_host_timed
-    writer.Writer._scatter, writer.Writer._finish = timed(saved[2]), timed(saved[3])
-    loaded.model.forward = forward
-    try:
-        shutil.rmtree(out, ignore_errors=True)
+    timed = Timed(loaded.model)
+    model = dataclasses.replace(loaded, model=timed)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.cuda.synchronize()
+    with UtilSampler(loaded.device.index or 0) as util:
+        res = ex.extract([str(corpus)], str(out), model=model, options=ex.ExtractOptions(
+            sites=["resid"], dtype=dtype, max_batch_tokens=budget, buffer_mb=buffer_mb))
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with UtilSampler() as util:
-            res = ex.extract([str(corpus)], str(out), options=ex.ExtractOptions(
-                sites=["resid"], dtype=dtype, max_batch_tokens=budget, device="cuda"))
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    finally:
-        models.load, ex._to_host_async, writer.Writer._scatter, writer.Writer._finish = saved
-        loaded.model.forward = model_forward
     disk = common.dir_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
+    st = res.stages
+    b = res.meta["batches"]
     return {
-        "seconds": wall, "tokens": res.tokens, "disk_bytes": disk,
-        "forward_s": sum(s.elapsed_time(e) for s, e in fwd_events) / 1000,
-        "copy_s": sum(s.elapsed_time(e) for s, e in copy_events) / 1000,
-        "writer_busy_s": busy["writer"], "gpu_util": util.mean(), "util_source": util.source,
+        "seconds": st["loop"], "total_seconds": res.seconds, "tokens": res.tokens, "disk_bytes": disk,
+        "forward_s": timed.seconds(), "copy_s": st.get("copy_device", 0.0),
+        "writer_busy_s": st["scatter"] + st["encode"] + st["write"] + st["commit"], "wait_copy_s": st["wait_copy"],
+        "wait_slot_s": st["wait_slot"], "ring": st["ring"], "stages": {k: v for k, v in st.items() if isinstance(v, float)},
+        "real_share": b["real_tokens"] / b["padded_tokens"], "gpu_util": util.mean(), "util_source": util.source,
     }
 
 
@@ -202,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks.gpu: CUDA is not available on this machine; run it on a machine with an NVIDIA GPU.", file=sys.stderr)
         return 2
-    from benchmarks.extract import make_corpus, texts_of
-    from neurostore import batching, models
+    from benchmarks.extract import make_corpus
+    from neurostore import models
 
     if a.quick:
         a.sizes, a.dtypes, a.budgets, a.docs, a.repeats = "xlmr-base", "float16", "8192,32768", 500, 1
@@ -212,39 +217,38 @@ def main(argv: list[str] | None = None) -> int:
     corpus = make_corpus(work / "corpus.jsonl", a.docs)
     rows = []
     for size in a.sizes.split(","):
-        loaded = models.load(str(build(work / size, size)), torch.device("cuda"))
-        ids, _ = batching.tokenize(loaded.tokenizer, texts_of(corpus), loaded.max_length())
-        import numpy as np
-
-        lengths = np.array([len(x) for x in ids])
-        with torch.inference_mode():
-            loaded.model(input_ids=torch.full((8, 64), 1000, device="cuda"))
         for dtype in a.dtypes.split(","):
             compute = models.DTYPES[dtype]
+            loaded = models.load(str(build(work / size, size)), torch.device("cuda"), dtype=compute)
+            with torch.inference_mode(), models.autocast(loaded.device, compute):  # warm-up as the rows run
+                loaded.model(input_ids=torch.full((8, 64), 1000, device="cuda"), attention_mask=torch.ones(8, 64, dtype=torch.long, device="cuda"))
             for budget in (int(b) for b in a.budgets.split(",")):
+                ids, lengths, batches, buffer_mb = plan(loaded, corpus, budget)
                 for rep in range(a.repeats):
-                    b = bare(loaded, ids, lengths, budget, compute)
-                    n = neurostore_run(loaded, corpus, work / "store.zarr", budget, dtype)
+                    b = bare(loaded, ids, batches, compute)
+                    n = neurostore_run(loaded, corpus, work / "store.zarr", budget, dtype, buffer_mb)
                     tokens = int(lengths.sum())
                     row = {"size": size, "dtype": dtype, "budget": budget, "repeat": rep, "tokens": tokens,
                            "bare_tokens_per_s": tokens / b["seconds"], "bare": b,
                            "neurostore_tokens_per_s": tokens / n["seconds"], "neurostore": n,
                            "vs_bare": b["seconds"] / n["seconds"],
                            "forward_share": n["forward_s"] / n["seconds"], "copy_share": n["copy_s"] / n["seconds"],
-                           "writer_share": n["writer_busy_s"] / n["seconds"],
+                           "writer_share": n["writer_busy_s"] / n["seconds"], "real_share": n["real_share"],
                            "mb_s_written": n["disk_bytes"] / n["seconds"] / 1e6}
                     rows.append(row)
+                    util = "unknown" if n["gpu_util"] is None else f"{n['gpu_util']:.0f}%"
                     print(f"{size} {dtype} {budget:>6}: bare {row['bare_tokens_per_s']:,.0f} tok/s | neurostore "
                           f"{row['neurostore_tokens_per_s']:,.0f} tok/s ({row['vs_bare']:.2f}x) forward {row['forward_share']:.0%} "
-                          f"copy {row['copy_share']:.0%} writer {row['writer_share']:.0%} GPU util {n['gpu_util'] or 0:.0f}%", flush=True)
-        del loaded
-        torch.cuda.empty_cache()
+                          f"copy {row['copy_share']:.0%} writer {row['writer_share']:.0%} real tokens {row['real_share']:.2f} "
+                          f"ring full {n['ring']['full']}x GPU util {util}", flush=True)
+            del loaded
+            torch.cuda.empty_cache()
     summary = {}
     for r in rows:
         key = f"{r['size']}/{r['dtype']}/{r['budget']}"
         summary.setdefault(key, []).append(r)
     summary = {k: {m: common.spread([r[m] for r in v]) for m in ("bare_tokens_per_s", "neurostore_tokens_per_s", "vs_bare",
-                                                                   "forward_share", "copy_share", "writer_share", "mb_s_written")}
+                                                                   "forward_share", "copy_share", "writer_share", "real_share", "mb_s_written")}
                for k, v in summary.items()}
     payload = {
         "benchmark": "gpu", "quick": a.quick, "command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -260,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    path = common.save_results({"machine": common.machine(), "settings": vars(a), "runs": all_rows, "tables": tables}, "pipeline", Path(a.results))
+    payload = {"benchmark": "pipeline", "quick": a.quick, "machine": common.machine(work if a.work else None, torch.get_num_threads()),
+               "settings": vars(a), "runs": all_rows, "tables": tables}
+    path = common.save_results(payload, "pipeline-quick" if a.quick else "pipeline", Path(a.results))
     print(f"results: {path}")
     return 0
 

@@ -277,12 +277,7 @@ def extract(
         group = found[0]
         meta = stored
 
-    windows = batching.plan_windows(
-        n_tokens,
-        bytes_per_token=bytes_per_token,
-        bytes_per_doc=per_row * len(opts.pool),
-        budget=opts.buffer_mb << 20,
-    )
+    windows = plan_windows(n_tokens, per_row, opts)
     start_doc = meta["committed_docs"]
     starts = [w[0] for w in windows] + [len(part)]
     if start_doc not in starts:
@@ -296,11 +291,12 @@ def extract(
         on_start(len(part), int(n_tokens.sum()), start_doc, int(token_start[start_doc]) if start_doc < len(part) else int(n_tokens.sum()))
 
     todo = windows[first_window:]
-    plans = [batching.plan_batches(n_tokens, opts.max_batch_tokens, np.arange(d0, d1), plan_version) for d0, d1 in todo]
+    plans = plan_batches(n_tokens, todo, opts, plan_version)
     _cap_heap_growth()
     window_tokens = max(int(n_tokens[d0:d1].sum()) for d0, d1 in windows)
     window_docs = max(d1 - d0 for d0, d1 in windows)
     writer = Writer(group, meta, token_start, start_doc, (window_tokens, window_docs), on_batch=on_batch, writers=opts.writers)
+    t_loop = time.perf_counter()
     try:
         stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, writer)
     except OSError as err:  # disk full, permissions, a lost mount: the user's to fix, then resume
@@ -315,9 +311,25 @@ def extract(
         raise NeurostoreError(f"{out}: writing failed ({err}); fix it and continue with --resume") from None
     result.meta = writer.meta
     result.seconds = time.perf_counter() - t_start
-    result.stages = {**stages, **writer.timers, "writers": writer.writers}
+    # "loop": first forward to last commit, without reading, tokenising and creating the store
+    result.stages = {**stages, **writer.timers, "writers": writer.writers, "loop": time.perf_counter() - t_loop}
     result.warnings = st.describe_nonfinite(writer.meta.get("nonfinite", {}), opts.store_dtype)
     return result
+
+
+def plan_windows(n_tokens: np.ndarray, per_row: int, opts: ExtractOptions) -> list[tuple[int, int]]:
+    """The write windows of a resolved extraction (``per_row``: stored bytes per token row)."""
+    return batching.plan_windows(
+        n_tokens,
+        bytes_per_token=per_row if opts.tokens else 0,
+        bytes_per_doc=per_row * len(opts.pool),
+        budget=opts.buffer_mb << 20,
+    )
+
+
+def plan_batches(n_tokens: np.ndarray, windows: list[tuple[int, int]], opts: ExtractOptions, version: int) -> list[list[np.ndarray]]:
+    """The batches of each window, as the extraction runs them (benchmarks run the same list bare)."""
+    return [batching.plan_batches(n_tokens, opts.max_batch_tokens, np.arange(d0, d1), version) for d0, d1 in windows]
 
 
 def _cap_heap_growth() -> None:
@@ -432,7 +444,10 @@ def _run(
                 timers["copy"] += clock() - t
                 writer.put(Batch(docs=np.asarray(docs), lengths=padded.lengths, padded_tokens=int(padded.ids.size), slot=slot, rows=rows, release=ring.release))
             writer.end_window(window)
-    return {**timers, "wait_slot": ring.waited, "ring": ring.occupancy()}
+    stages = {**timers, "wait_slot": ring.waited, "ring": ring.occupancy()}
+    if copier is not None:
+        stages["copy_device"] = copier.seconds()  # device time of the copies (CUDA events)
+    return stages
 
 
 @contextlib.contextmanager

@@ -43,6 +43,9 @@ class CudaApi:
         # blocking: the writer's synchronize() sleeps instead of spinning a core
         return torch.cuda.Event(blocking=True)
 
+    def timing_event(self) -> Any:
+        return torch.cuda.Event(enable_timing=True)
+
     def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
         tensor.record_stream(stream)
 
@@ -162,6 +165,7 @@ class Copier:
     def __init__(self, device: torch.device, api: CudaApi) -> None:
         self.device, self.api = device, api
         self.stream = api.stream(device)
+        self.spans: list[tuple[Any, Any]] = []  # timing events around each batch's copies
 
     def to_host(self, values: dict[str, torch.Tensor], slot: Slot) -> dict[str, int]:
         """Queue the copies of ``values`` into ``slot`` and record ``slot.ready``; returns rows per key.
@@ -173,15 +177,27 @@ class Copier:
         self.stream.wait_stream(api.current_stream(self.device))
         rows = {}
         with api.use_stream(self.stream):
+            start = api.timing_event()
+            if start is not None:
+                start.record(self.stream)
             for key, t in values.items():
                 n = int(t.shape[1] if slot.specs[key].layer_major else t.shape[0])
                 api.copy_to_host(slot.view(key, n), t)
                 api.record_stream(t, self.stream)
                 rows[key] = n
+            if start is not None:
+                end = api.timing_event()
+                end.record(self.stream)
+                self.spans.append((start, end))
             event = api.event()
             event.record(self.stream)
         slot.ready = event
         return rows
+
+
+    def seconds(self) -> float:
+        """Device seconds spent copying (valid once the copies are done: the writer waited on them)."""
+        return sum(start.elapsed_time(end) for start, end in self.spans) / 1000
 
 
 @contextlib.contextmanager

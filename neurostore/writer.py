@@ -132,7 +132,8 @@ class Writer:
 
     def __post_init__(self) -> None:
         self.writers = self.writers or default_writers()
-        self.timers = {"scatter": 0.0, "wait_batch": 0.0, "wait_buffer": 0.0, "encode": 0.0, "write": 0.0, "commit": 0.0, "flush_wall": 0.0}
+        self.timers = {"scatter": 0.0, "wait_copy": 0.0, "wait_batch": 0.0, "wait_buffer": 0.0, "encode": 0.0, "write": 0.0,
+                       "encode_cpu": 0.0, "write_cpu": 0.0, "commit": 0.0, "flush_wall": 0.0}
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -248,8 +249,9 @@ class Writer:
                     self._begin(item.window)
                     self.timers["wait_buffer"] += time.perf_counter() - t0
                 elif isinstance(item, Batch):
+                    waited = self.timers["wait_copy"]
                     self._scatter(item)
-                    self.timers["scatter"] += time.perf_counter() - t0
+                    self.timers["scatter"] += time.perf_counter() - t0 - (self.timers["wait_copy"] - waited)
                 else:
                     self._end(item.window)
         finally:
@@ -281,8 +283,10 @@ class Writer:
         self._counts, self._real, self._padded = {}, 0, 0
 
     def _scatter(self, batch: Batch) -> None:
-        if batch.slot.ready is not None:
+        if batch.slot.ready is not None:  # wait for the copies into the slot (not writer work)
+            t0 = time.perf_counter()
             batch.slot.ready.synchronize()
+            self.timers["wait_copy"] += time.perf_counter() - t0
         window = self._window
         assert window is not None
         d0, t0 = window.docs[0], window.tokens[0]
@@ -395,6 +399,6 @@ class Writer:
         with self._lock:
             self.timers["encode"] += encoded - t0
             self.timers["write"] += t1 - encoded
-            self.timers["encode_cpu"] = self.timers.get("encode_cpu", 0.0) + c1 - c0
-            self.timers["write_cpu"] = self.timers.get("write_cpu", 0.0) + c2 - c1
+            self.timers["encode_cpu"] += c1 - c0
+            self.timers["write_cpu"] += c2 - c1
         _fault("flush")

@@ -23,6 +23,7 @@ def _check_machine(data: dict) -> None:
     assert data["machine"]["threads"] >= 1
 
 
+@pytest.mark.slow
 def test_extract_quick(tmp_path):
     from benchmarks import extract
 
@@ -63,3 +64,21 @@ def test_query_quick(tmp_path):
             assert ns["cached_seconds"] >= 0
             assert "ok" in q["in_memory"]
     assert {"target", "pass"} <= set(data["targets"][0])
+
+
+def test_pipeline_quick(tmp_path):
+    from benchmarks import pipeline
+
+    assert pipeline.main(["--quick", "--mb", "16", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    data = _one_result(tmp_path / "results", "pipeline-quick")
+    _check_machine(data)
+    run = data["runs"][0]
+    rows = run["summary"]
+    assert {"raw write (buffered)", "raw write (fsync)", "zarr alone none", "zarr alone lz4"} <= set(rows)
+    ns = {k: v for k, v in rows.items() if k.startswith("neurostore")}
+    assert ns, rows.keys()
+    for row in ns.values():
+        assert row["mb_s"]["median"] > 0 and row["x_raw"] > 0 and row["cpu_s_per_gb"] > 0
+        assert {"gather", "scatter", "encode", "write", "commit", "wait_slot"} <= set(row["stages"])
+        assert 0.8 <= row["real_share"] <= 1
+    assert "Targets" in data["tables"][0] and ("PASS" in data["tables"][0] or "short" in data["tables"][0])

@@ -73,6 +73,9 @@ class FakeCuda(transfer.CudaApi):
     def record_stream(self, tensor, stream):
         self.log.append(("record_stream", stream.name))
 
+    def timing_event(self):
+        return None  # no timing: the protocol log stays what the test reads
+
     def empty_pinned(self, shape, dtype):
         self.pinned += 1
         return torch.empty(shape, dtype=dtype)

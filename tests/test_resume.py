@@ -48,6 +48,7 @@ def reference(tiny_models, tmp_path_factory) -> tuple[Path, dict]:
     return out, arrays(out)
 
 
+@pytest.mark.slow  # a fault-injection sweep: each case is three to five extraction processes
 @pytest.mark.parametrize(
     "faults, writers",
     [
