@@ -62,7 +62,7 @@ def extract_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float16, bfloat16 or float32. [default: float32 on CPU; on CUDA the checkpoint's own half dtype, else float16]", show_default=False),
     store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Stored dtype: float16, bfloat16 (kept losslessly as uint16 bits) or float32. Values float16 cannot hold are counted and reported. [default: float16]", show_default=False),
     compression: Optional[str] = typer.Option(None, "--compression", help="Chunk compression: none, lz4 (bit-shuffled) or zstd[:LEVEL]. [default: lz4]", show_default=False),
-    writers: int = typer.Option(0, "--writers", help="Threads that compress and write shards (0: the cores less one, at most 8). Does not change the stored bytes."),
+    writers: int = typer.Option(0, "--writers", help="Threads that compress and write shards (0: one per core, 2 to 8). Does not change the stored bytes."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens; truncations are counted. [default: the model's limit]", show_default=False),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted and at least 80% real tokens. [default: 512 on CPU; 32768 on CUDA, less where a batch's activations pass 1 GiB]", show_default=False),
