@@ -139,8 +139,9 @@ def _editor(state: BatchState, intervention: Intervention, layer: int, device: t
             new = torch.zeros_like(old)
         elif mode == "set":
             new = target.to(old.dtype).expand_as(old)
-        else:
-            new = old * alpha
+        else:  # in float32, kept finite: a large alpha on a half-precision site would give inf, then nan
+            limit = torch.finfo(old.dtype).max
+            new = (old.float() * alpha).clamp(-limit, limit).to(old.dtype)
         out = h.clone()
         out[..., index] = torch.where(where, new, old)
         return out
@@ -264,13 +265,17 @@ def predict(
     """Logits ``[n_sentences, n_classes]`` (float32, corpus order), with ``spec``'s hooks if given."""
     logits = np.zeros((len(data.ids), len(data.classes)), dtype=np.float32)
     hooks = intervention(loaded, spec, module_pattern=module_pattern) if spec is not None else contextlib.nullcontext(None)
+    outs = []
     with hooks as state, torch.inference_mode(), M.autocast(loaded.device, dtype):
         for batch in data.batches:
-            ids, mask = batching.pad([data.ids[i] for i in batch], loaded.pad_id, loaded.device)
+            ids, mask = batching.pad([data.ids[i] for i in batch], loaded.pad_id, loaded.device, pin=loaded.device.type == "cuda")
             if state is not None:
                 state.set_mask(mask)
             out = loaded.model(input_ids=ids, attention_mask=mask)
-            logits[batch] = out.logits.float().cpu().numpy()
+            outs.append(out.logits.float())  # stays on the device: no host sync per batch
+    if outs:
+        every = torch.cat(outs).cpu().numpy()
+        logits[np.concatenate(data.batches)] = every
     return logits
 
 

@@ -503,3 +503,18 @@ def test_set_to_a_group_statistic_from_a_real_store(dependent, tmp_path):
     assert out["intervened"]["per_label"] == {"neutral": 0.0, "sadness": 1.0}
     assert out["intervened"]["effect"]["toward_target"] == 0.5
     assert all(c["effect"]["toward_target"] == 0.0 for c in out["controls"])
+
+
+def test_gain_on_half_precision_stays_finite():
+    """A large alpha on a float16 site saturates at float16's largest value instead of inf (then nan)."""
+    from neurostore.intervene import BatchState, Intervention, _editor
+    from neurostore.neurons import parse_neuron_list
+
+    spec = Intervention(parse_neuron_list("0:1,0:2", "mlp"), mode="gain", alpha=1e4)
+    state = BatchState()
+    state.set_mask(torch.tensor([[1, 1, 0]]))
+    h = torch.tensor([[[1.0, 30.0, -50.0], [2.0, 3.0, 4.0], [5.0, 6.0, 7.0]]], dtype=torch.float16)
+    out = _editor(state, spec, 0, torch.device("cpu"))(h)
+    assert torch.isfinite(out).all()
+    assert out[0, 0, 1] == torch.finfo(torch.float16).max and out[0, 0, 2] == -torch.finfo(torch.float16).max
+    assert out[0, 1, 1] == 3e4 and out[0, 1, 0] == 2 and torch.equal(out[0, 2], h[0, 2])  # padding untouched
