@@ -187,10 +187,6 @@ def row_neurostore(loaded, corpus: Path, folder: Path, sites: list[str], compres
             "real_share": b["real_tokens"] / b["padded_tokens"]}
 
 
-def activation_bytes(meta_like: dict) -> int:
-    return meta_like["bytes"]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: ~64 MB per row, one repeat, lz4 and none only.")
@@ -212,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from neurostore import store as st
 
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ns-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
               f"raw read {bw['mb_s']:,.0f} MB/s cold, {bw_warm['mb_s']:,.0f} MB/s warm", flush=True)
         common.drop_cache(acts)
         direct = odirect_read(acts)
-        print(f"  O_DIRECT sequential read: " + (f"{direct['mb_s']:,.0f} MB/s" if direct["ok"] else direct["error"]), flush=True)
+        print("  O_DIRECT sequential read: " + (f"{direct['mb_s']:,.0f} MB/s" if direct["ok"] else direct["error"]), flush=True)
         entry = {"size_mb": size, **info, "read_bandwidth": bw, "read_bandwidth_warm": bw_warm, "odirect": direct,
                  "passes": {}, "queries": []}
         wanted = [r for r in PASS_ROWS if r[0] in a.passes.split(",")]

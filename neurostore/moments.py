@@ -40,7 +40,7 @@ from . import chunks as ch
 from . import sketch as sk
 from . import store as st
 from .errors import NeurostoreError
-from .sketch import HIST_BINS, HIST_RANGE, HIST_WIDTH
+from .sketch import HIST_BINS, HIST_RANGE, HIST_WIDTH  # noqa: F401 - re-exported for readers of moments
 
 FAN_IN = 8
 MISSING = "(missing)"
