@@ -5,9 +5,8 @@ Why not zarr's synchronous API for the pass: every zarr read goes through zarr's
 thread and its codec pool, and measured here (2 cores, lz4 + bitshuffle float16, warm cache) it
 tops out at ~1 GB/s whatever the number of Dask threads, where ``os.pread`` + numcodecs' blosc in
 two threads (blosc releases the GIL off the main thread) reads 2.5 GB/s. The layout read directly
-is the one ``store.create`` writes: a local directory, sharding with the index (bytes + crc32c) at
-the end, inner codecs bytes (little endian) then blosc and/or crc32c, chunks of one layer
-``(rows, 1, width)`` and shards of every layer ``(rows, n_layers, width)``. Any other array (a
+is the one ``store.create`` writes, as ``shards.layout`` recognises it (the writer's encoder starts
+from the same function), in a local directory. Any other array (a
 remote store, other codecs or chunk shapes) is read through zarr (:class:`ZarrSource`), with the
 same values. A checksum mismatch raises :class:`~neurostore.errors.NeurostoreError`.
 
@@ -18,7 +17,6 @@ worker process can read its rows.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -61,36 +59,21 @@ def source(array: Any) -> ShardSource | ZarrSource:
 
 
 def _shard_source(array: Any) -> ShardSource:
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
     from zarr.storage import LocalStore
 
+    from .shards import layout
+
     store = array.store_path.store
-    meta = array.metadata
-    if not isinstance(store, LocalStore) or getattr(meta, "zarr_format", 3) != 3 or sys.byteorder != "little":
-        raise ValueError("not a local zarr v3 array")
-    (shard,) = meta.codecs  # exactly one codec: sharding
-    if not isinstance(shard, ShardingCodec) or shard.index_location.value != "end":
-        raise ValueError("not sharded with the index at the end")
+    if not isinstance(store, LocalStore):
+        raise ValueError("not a local store")
+    lay = layout(array)
     rows, n_layers, width = array.shape
-    s_rows, s_layers, s_width = meta.chunk_grid.chunk_shape
-    c_rows, c_layers, c_width = shard.chunk_shape
-    if (s_layers, s_width, c_layers, c_width) != (n_layers, width, 1, width) or s_rows % c_rows:
-        raise ValueError("unexpected chunk or shard shape")
-    index = [type(c) for c in shard.index_codecs]
-    if index != [BytesCodec, Crc32cCodec] or shard.index_codecs[0].endian.value != "little":
-        raise ValueError("unexpected index codecs")
-    inner = list(shard.codecs)
-    if not isinstance(inner[0], BytesCodec) or (inner[0].endian is not None and inner[0].endian.value != "little"):
-        raise ValueError("unexpected array-to-bytes codec")
-    rest = [type(c) for c in inner[1:]]
-    if rest not in ([], [BloscCodec], [Crc32cCodec], [BloscCodec, Crc32cCodec]):
-        raise ValueError("unexpected bytes codecs")
-    n_shards = -(-rows // s_rows)
-    keys = tuple(meta.encode_chunk_key((i, 0, 0)) for i in range(n_shards))
+    meta = array.metadata
+    keys = tuple(meta.encode_chunk_key((i, 0, 0)) for i in range(-(-rows // lay.shard_rows)))
     directory = os.path.join(str(store.root), array.path) if array.path else str(store.root)
     return ShardSource(
-        directory=directory, keys=keys, dtype=np.dtype(array.dtype).str, chunk_rows=c_rows, shard_rows=s_rows,
-        n_layers=n_layers, width=width, blosc=BloscCodec in rest, chunk_crc=Crc32cCodec in rest,
+        directory=directory, keys=keys, dtype=np.dtype(array.dtype).str, chunk_rows=lay.chunk_rows, shard_rows=lay.shard_rows,
+        n_layers=n_layers, width=width, blosc=lay.blosc is not None, chunk_crc=lay.chunk_crc,
         fill_value=float(meta.fill_value),
     )
 

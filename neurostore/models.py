@@ -127,9 +127,10 @@ def resolve_dtype(dtype: str | None, device: torch.device, config: Any = None) -
     """The compute dtype: as given, else float32 on CPU and on CUDA the default of DESIGN.md.
 
     On CUDA a checkpoint saved in bfloat16 or float16 runs in that dtype (language models are
-    trained and served that way); any other runs in float16, not bfloat16: measured on MiniLM,
-    bfloat16 compute moved a contrast selector's top-20 neurons to Jaccard 0.846 against float32,
-    float16 to 0.983. Values float16 cannot hold are counted at extraction and reported.
+    trained and served that way); any other runs in float16, not bfloat16: measured on MiniLM
+    (``benchmarks/precision.py``), bfloat16 compute moved a contrast selector's top-20 neurons to
+    Jaccard 0.81 against float32, float16 to 0.95. Values float16 cannot hold are counted at
+    extraction and reported.
     """
     if dtype is None:
         if device.type != "cuda":
@@ -198,7 +199,7 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
         classes=classes,
         blocks=_find_blocks(model, n_layers),
         config=config,
-        path=path if name else default_model(),
+        path=path,
     )
 
 

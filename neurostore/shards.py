@@ -115,30 +115,62 @@ def _writev_all(fd: int, parts: list[Any]) -> None:
             views[0] = views[0][done:]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The store's own activation-array layout, as read off an array's Zarr metadata."""
+
+    chunk_rows: int
+    shard_rows: int
+    blosc: BloscCodec | None  # the inner compressor, if any
+    chunk_crc: bool  # a CRC32C after each chunk (readers check it; this writer does not write it)
+
+
+def layout(array: zarr.Array) -> Layout:
+    """Check that ``array`` has the layout ``store.create`` writes and describe it; ValueError if not.
+
+    Sharding with the index (little-endian bytes, then CRC32C) at the end; chunks of one layer
+    ``(rows, 1, width)``, shards of every layer ``(rows, n_layers, width)``; inner codecs bytes
+    (little endian), then blosc and/or CRC32C. The writer (:func:`encoder`) and the query pass's
+    reader (``chunks.source``) both start from here, so they agree on what they understand.
+    """
+    meta = array.metadata
+    if getattr(meta, "zarr_format", 3) != 3 or sys.byteorder != "little" or array.ndim != 3:
+        raise ValueError("not a zarr v3 array of three dimensions on a little-endian machine")
+    codecs = tuple(getattr(meta, "codecs", ()))
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or codecs[0].index_location.value != "end":
+        raise ValueError("not sharded with the index at the end")
+    sharding = codecs[0]
+    _, n_layers, width = array.shape
+    s_rows, s_layers, s_width = meta.chunk_grid.chunk_shape
+    c_rows, c_layers, c_width = sharding.chunk_shape
+    if (s_layers, s_width, c_layers, c_width) != (n_layers, width, 1, width) or s_rows % c_rows:
+        raise ValueError("unexpected chunk or shard shape")
+    index = list(sharding.index_codecs)
+    if [type(c) for c in index] != [BytesCodec, Crc32cCodec] or index[0].endian.value != "little":
+        raise ValueError("unexpected index codecs")
+    inner = list(sharding.codecs)
+    if not inner or not isinstance(inner[0], BytesCodec) or (inner[0].endian is not None and inner[0].endian.value != "little"):
+        raise ValueError("unexpected array-to-bytes codec")
+    rest = [type(c) for c in inner[1:]]
+    if rest not in ([], [BloscCodec], [Crc32cCodec], [BloscCodec, Crc32cCodec]):
+        raise ValueError("unexpected bytes codecs")
+    blosc = inner[1] if BloscCodec in rest else None
+    return Layout(c_rows, s_rows, blosc, Crc32cCodec in rest)
+
+
 def encoder(array: zarr.Array) -> ShardEncoder | None:
     """A :class:`ShardEncoder` for an activation array of the store's layout, or None for any
     other layout (those are written through Zarr)."""
-    codecs = array.metadata.codecs if hasattr(array.metadata, "codecs") else ()
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or array.ndim != 3:
+    try:
+        lay = layout(array)
+    except (ValueError, AttributeError, TypeError):
         return None
-    sharding = codecs[0]
-    shard_shape, chunk_shape = array.shards, sharding.chunk_shape
-    if (
-        sharding.index_location.value != "end"
-        or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]
-        or tuple(chunk_shape[1:]) != (1, array.shape[2])
-        or tuple(shard_shape[1:]) != tuple(array.shape[1:])
-    ):
-        return None
-    inner = list(sharding.codecs)
-    if not inner or not isinstance(inner[0], BytesCodec) or len(inner) > 2:
-        return None
+    if lay.chunk_crc:
+        return None  # per-chunk checksums are not written here: Zarr writes such arrays
     blosc = None
-    if len(inner) == 2:
-        b = inner[1]
-        if not isinstance(b, BloscCodec):
-            return None
+    if lay.blosc is not None:
+        b = lay.blosc
         blosc = numcodecs.Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=_SHUFFLE[b.shuffle.value],
                                 blocksize=b.blocksize, typesize=b.typesize)
-    per_shard = (shard_shape[0] // chunk_shape[0], shard_shape[1], 1)
-    return ShardEncoder(array, chunk_shape[0], shard_shape[0], blosc, array.metadata.fill_value, list(morton_order_iter(per_shard)))
+    per_shard = (lay.shard_rows // lay.chunk_rows, array.shape[1], 1)
+    return ShardEncoder(array, lay.chunk_rows, lay.shard_rows, blosc, array.metadata.fill_value, list(morton_order_iter(per_shard)))

@@ -270,10 +270,7 @@ def commit(
 
     One atomic metadata write, so the counters always describe exactly the committed rows.
     """
-    counts = {name: dict(layers) for name, layers in meta.get("nonfinite", {}).items()}
-    for name, layers in (nonfinite or {}).items():
-        for layer, n in layers.items():
-            counts.setdefault(name, {})[layer] = counts.get(name, {}).get(layer, 0) + int(n)
+    counts = add_counts(add_counts({}, meta.get("nonfinite", {})), nonfinite or {})
     batches = dict(meta.get("batches") or {"real_tokens": 0, "padded_tokens": 0})
     batches["real_tokens"] += int(real_tokens)
     batches["padded_tokens"] += int(padded_tokens)
@@ -283,6 +280,15 @@ def commit(
     )
     group.attrs.update({ATTR: meta})
     return meta
+
+
+def add_counts(total: dict[str, dict[str, int]], counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Add non-finite counts (array -> layer -> count) into ``total``, in place, and return it."""
+    for name, layers in counts.items():
+        into = total.setdefault(name, {})
+        for layer, n in layers.items():
+            into[layer] = into.get(layer, 0) + int(n)
+    return total
 
 
 class Rows:
@@ -328,7 +334,6 @@ class ShardAppender:
 
     def __init__(self, array: zarr.Array, start: int) -> None:
         self.rows = Rows(array, start)
-        self._n_new = 0
 
     def buffer(self, n_new: int) -> tuple[np.ndarray, np.ndarray]:
         """A block starting at the last shard boundary with the carry in place, and the view
@@ -587,9 +592,7 @@ def summary(store: Store) -> dict:
 def _sum_counts(parts: Iterable[dict]) -> dict[str, dict[str, int]]:
     total: dict[str, dict[str, int]] = {}
     for counts in parts:
-        for name, layers in counts.items():
-            for layer, n in layers.items():
-                total.setdefault(name, {})[layer] = total.get(name, {}).get(layer, 0) + int(n)
+        add_counts(total, counts)
     return {name: dict(sorted(layers.items(), key=lambda kv: int(kv[0]))) for name, layers in sorted(total.items())}
 
 
@@ -604,9 +607,7 @@ def describe_nonfinite(counts: dict[str, dict[str, int]], store_dtype: str) -> l
     """One line per site: how many values the cast made non-finite, in which layers, what to do."""
     by_site: dict[str, dict[str, int]] = {}
     for name, layers in counts.items():
-        site = name.split("/")[1]
-        for layer, n in layers.items():
-            by_site.setdefault(site, {})[layer] = by_site.get(site, {}).get(layer, 0) + int(n)
+        add_counts(by_site, {name.split("/")[1]: layers})
     lines = []
     for site, layers in by_site.items():
         arrays = ", ".join(f"{name} {sum(v.values()):,}" for name, v in counts.items() if name.split("/")[1] == site)

@@ -348,11 +348,10 @@ class Writer:
                     continue
                 host = st.decode(batch.slot.host(key, batch.rows[key]), self.meta["store_dtype"])
                 name = ("acts/" if key.startswith("tok:") else "pooled/") + key[4:]
-                for j in bad.tolist():
-                    n = int(np.count_nonzero(~np.isfinite(host[:, j])))
-                    if n:
-                        per_layer = self._counts.setdefault(name, {})
-                        per_layer[str(layers[j])] = per_layer.get(str(layers[j]), 0) + n
+                found = {str(layers[j]): int(np.count_nonzero(~np.isfinite(host[:, j]))) for j in bad.tolist()}
+                found = {layer: n for layer, n in found.items() if n}
+                if found:
+                    st.add_counts(self._counts, {name: found})
 
     def _end(self, window: Window) -> None:
         _fault("window")
