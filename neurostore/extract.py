@@ -172,6 +172,8 @@ def extract(
     """
     options = options or ExtractOptions()
     t_start = time.perf_counter()
+    if options.writers < 0:
+        raise NeurostoreError(f"--writers {options.writers}: give a number of threads, or 0 for one per core")
     if resume and overwrite:
         raise NeurostoreError("--resume and --overwrite contradict each other: pick one")
     found = _existing(out)

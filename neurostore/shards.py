@@ -93,12 +93,16 @@ class ShardEncoder:
             target = Path(store.root) / path
             target.parent.mkdir(parents=True, exist_ok=True)
             temp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _writev_all(fd, parts)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    _writev_all(fd, parts)
+                finally:
+                    os.close(fd)
+                os.replace(temp, target)
+            except BaseException:  # a full disk, an I/O error: leave no half-written file behind
+                temp.unlink(missing_ok=True)
+                raise
             return
         buffer = default_buffer_prototype().buffer.from_bytes(b"".join(bytes(p) if isinstance(p, memoryview) else p for p in parts))
         sync(store.set(path, buffer))

@@ -163,6 +163,9 @@ def test_cli_warns_once_per_site(overflowing, tmp_path):
     assert len(lines) == 1 and "site resid" in lines[0] and "layers 0" in lines[0] and "acts/resid" in lines[0]
 
 
-def test_bad_compression_is_one_line(tmp_path, tiny_models):
-    result = CliRunner().invoke(app, ["extract", str(tiny.DATA), "--out", str(tmp_path / "s.zarr"), "--model", str(tiny_models["bert"]), "--compression", "gzip"])
-    assert result.exit_code == 2 and "--compression 'gzip'" in result.output
+@pytest.mark.parametrize("option, value, says", [("--compression", "gzip", "--compression 'gzip'"), ("--writers", "-3", "--writers -3")])
+def test_bad_pipeline_option_is_one_line_and_writes_nothing(tmp_path, tiny_models, option, value, says):
+    out = tmp_path / "s.zarr"
+    result = CliRunner().invoke(app, ["extract", str(tiny.DATA), "--out", str(out), "--model", str(tiny_models["bert"]), option, value])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output
+    assert not out.exists()

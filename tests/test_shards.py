@@ -72,3 +72,17 @@ def test_memory_store_gets_the_same_bytes(tmp_path):
 def test_other_layouts_are_left_to_zarr(tmp_path):
     plain = zarr.create_array(str(tmp_path / "p"), shape=(10, 4), chunks=(5, 4), dtype="float32")
     assert shards.encoder(plain) is None
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    values = np.ones((32, 3, 5), dtype="float16")
+    enc = shards.encoder(_array(tmp_path / "a", 64, "float16", "lz4"))
+
+    def full_disk(fd, parts):
+        os.write(fd, b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards, "_writev_all", full_disk)
+    with pytest.raises(OSError):
+        enc.store(0, enc.encode(values))
+    assert not [p for p in (tmp_path / "a").rglob("*") if p.is_file() and p.name != "zarr.json"]
