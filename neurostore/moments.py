@@ -269,19 +269,17 @@ def reduce_block(x: np.ndarray, gid: np.ndarray, n_groups: int, hist: bool, stor
     rows is a few sentences, i.e. a few runs; pooled rows interleave groups)."""
     store_dtype = store_dtype or x.dtype.name
     out = empty_partial(n_groups, x.shape[1], hist)
-    keep = gid >= 0
-    if not keep.any():
-        return out
-    if np.all(gid[1:] >= gid[:-1]):  # already in group order (e.g. a single sentence or group)
-        first = int(np.argmax(keep))
-        xs, gs = x[first:], gid[first:]
-    else:
-        order = np.argsort(gid, kind="stable")
-        order = order[np.searchsorted(gid[order], 0):]
-        xs, gs = x[order], gid[order]
-    groups, starts, counts = np.unique(gs, return_index=True, return_counts=True)
-    merge_into(out, reduce_sorted(xs, groups, starts, counts, store_dtype, hist), groups)
+    order = _group_order(gid)
+    if order is not None:
+        _reduce_into(out, x, order, store_dtype, hist)
     return out
+
+
+def _reduce_into(acc: dict, x: np.ndarray, order: tuple, store_dtype: str, hist: bool) -> None:
+    """Reduce the rows of ``x`` in the group order ``order`` (see :func:`_group_order`) into ``acc``."""
+    rows, groups, starts, counts = order
+    xs = x if rows is None else x[rows]
+    merge_into(acc, reduce_sorted(xs, groups, starts, counts, store_dtype, hist), groups)
 
 
 def merge(parts: Sequence[Any]) -> Any:
@@ -294,11 +292,15 @@ def merge(parts: Sequence[Any]) -> Any:
     return acc
 
 
+def _runs_of(seg_starts: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """The runs ``[a, b)`` of a run-length code that cover rows ``[lo, hi)``."""
+    return int(np.searchsorted(seg_starts, lo, side="right")) - 1, int(np.searchsorted(seg_starts, hi, side="left"))
+
+
 def _row_groups(lo: int, hi: int, seg_starts: np.ndarray, seg_gids: np.ndarray) -> np.ndarray:
     """Group index of rows ``[lo, hi)`` from a run-length code (``seg_starts`` ascending, the
     first at or before ``lo``)."""
-    a = np.searchsorted(seg_starts, lo, side="right") - 1
-    b = np.searchsorted(seg_starts, hi, side="left")
+    a, b = _runs_of(seg_starts, lo, hi)
     bounds = np.clip(np.append(seg_starts[a:b], hi), lo, hi)
     return np.repeat(seg_gids[a:b], np.diff(bounds))
 
@@ -316,11 +318,8 @@ def _chunk_task(src: Any, lo: int, hi: int, layers: tuple[int, ...], store_dtype
         if j == 0:
             gid = _row_groups(a, b, seg_starts, seg_gids)
             order = _group_order(gid)
-        if order is None:
-            continue
-        rows, groups, starts, counts = order
-        xs = values if rows is None else values[rows]
-        merge_into(acc[j], reduce_sorted(xs, groups, starts, counts, store_dtype, hist), groups)
+        if order is not None:
+            _reduce_into(acc[j], values, order, store_dtype, hist)
     return acc
 
 
@@ -433,8 +432,7 @@ def compute(store: st.Store, sel: Selection, *, quantiles: bool = False, schedul
         seg_starts, seg_gids = _runs(starts, gids)
         src = ch.source(arr)
         for lo, hi in _task_rows(rows, *ch.step(src)):
-            a = np.searchsorted(seg_starts, lo, side="right") - 1
-            b = np.searchsorted(seg_starts, hi, side="left")
+            a, b = _runs_of(seg_starts, lo, hi)
             ranges.append((p, src, lo, hi, seg_starts[a:b], seg_gids[a:b]))
         doc_shift += n_docs
     parts = [
