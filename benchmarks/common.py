@@ -20,7 +20,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "emotions.jsonl"
 DATA = ROOT / "data" / "emotions.jsonl"
 BLOCK = 8 << 20
 

@@ -21,7 +21,6 @@ x raw buffered write, CPU seconds per GB, and for neurostore the stage timers, t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -33,6 +32,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks import common
+from benchmarks import extract as extract_bench
+from benchmarks.extract import texts_of
 
 SHAPES = {  # layers (resid: hidden_states, L + 1), hidden width, MLP width
     "xlmr-base": (12, 768, 3072),
@@ -54,7 +55,7 @@ def minilm_samples(sites: list[str]) -> dict[str, list[np.ndarray]]:
     from neurostore import batching, models
 
     loaded = models.load(None, torch.device("cpu"))
-    texts = [json.loads(line)["text"] for line in common.SAMPLE.read_text().splitlines() if line.strip()]
+    texts = texts_of(common.DATA)
     ids, _ = batching.tokenize(loaded.tokenizer, texts, 128)
     lengths = np.array([len(x) for x in ids])
     hooked = {"mlp": models.mlp_modules(loaded)}
@@ -135,20 +136,16 @@ def null_model(shape: str, sites: list[str], max_tokens: int, seed: int = 0):
                               config=config, path=f"null:{shape}")
 
 
-def make_corpus(path: Path, n_tokens: int, tokenizer, seed: int = 0) -> tuple[Path, int]:
-    """Mixed-language documents of 1-6 sample sentences (5 to ~380 tokens) until ``n_tokens``."""
-    rows = [json.loads(line) for line in common.SAMPLE.read_text().splitlines() if line.strip()]
-    rng = np.random.default_rng(seed)
-    total, docs = 0, []
-    while total < n_tokens:
-        lang = rows[rng.integers(len(rows))]["lang"]
-        pick = [r for r in rows if r["lang"] == lang]
-        k = 1 if rng.random() < 0.5 else int(rng.integers(2, 7))
-        text = " ".join(pick[i]["text"] for i in rng.integers(0, len(pick), k))
-        total += len(tokenizer(text)["input_ids"])
-        docs.append({"text": text, "label": pick[0]["label"], "lang": lang})
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    return path, total
+def make_corpus(path: Path, n_tokens: int, tokenizer) -> tuple[Path, int]:
+    """The extraction benchmark's mixed-length corpus (``benchmarks.extract.make_corpus``), with
+    as many documents as make about ``n_tokens`` tokens; returns the path and its tokens."""
+    def tokens() -> int:
+        return sum(len(x) for x in tokenizer(texts_of(path))["input_ids"])
+
+    extract_bench.make_corpus(path, 64)
+    n_docs = max(1, round(64 * n_tokens / tokens()))
+    extract_bench.make_corpus(path, n_docs)
+    return path, tokens()
 
 
 def row_zarr(store_like: dict, compression: str, folder: Path) -> dict:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for compute, store in SETTINGS:
             out = work / f"{compute}-{store}.zarr"
             shutil.rmtree(out, ignore_errors=True)
-            extract([str(common.SAMPLE)], str(out), model=loaded,
+            extract([str(common.DATA)], str(out), model=loaded,
                     options=ExtractOptions(sites=["resid", "mlp"], dtype=compute, store_dtype=store, device="cpu"))
             measured[(compute, store)] = measure(out)
     finally:
