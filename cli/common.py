@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import enum
+import errno
 import functools
 import json
 import sys
@@ -38,7 +39,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Turn :class:`NeurostoreError` (and warnings about incomplete stores) into plain lines."""
+    """Turn :class:`NeurostoreError` (exit 2), :class:`~neurostore.errors.Fault` and I/O faults
+    (exit 1) and warnings about incomplete stores into plain lines."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,13 +50,40 @@ def handle_errors(func: Callable) -> Callable:
                 result = func(*args, **kwargs)
             except NeurostoreError as err:
                 _print_warnings(caught)
-                fail(str(err))
+                fail(str(err), code=err.exit_code)
+            except OSError as err:
+                if err.errno not in MACHINE_ERRNOS:
+                    raise
+                _print_warnings(caught)
+                fail(describe_os_error(err), code=1)
             except KeyboardInterrupt:
                 fail("interrupted", code=130)
         _print_warnings(caught)
         return result
 
     return wrapper
+
+
+# Faults of the machine rather than bugs: one line, exit 1, wherever they surface.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an I/O fault: what failed, the path, and for a full disk the free space."""
+    import os
+    import shutil
+
+    path = err.filename or ""
+    text = f"{os.strerror(err.errno)}" + (f": {path}" if path else "")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and path:
+        probe = os.path.dirname(os.path.abspath(path))
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        try:
+            text += f" ({shutil.disk_usage(probe).free / 2**20:,.1f} MiB free there)"
+        except OSError:
+            pass
+    return text + "; free space or fix the device, then run again (extract: --resume continues)"
 
 
 def _print_warnings(caught: Iterable[warnings.WarningMessage]) -> None:

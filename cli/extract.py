@@ -210,6 +210,7 @@ def info_command(
             ("batches", "?" if info["real_token_share"] is None else f"{info['real_token_share']:.0%} of computed tokens real (plan v{info['plan']})"),
             ("compression", f"{info['compression']}, " + (f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?")),
             ("pooled", ", ".join(info["pool"]) or "none"),
+            ("features", (", ".join(info["features"]) or "none") + (f" (lacks {', '.join(info['lacks'])}: written by an older neurostore)" if info["lacks"] else "")),
             ("activations", _fmt_bytes(info["activation_bytes"])),
             ("on disk", _fmt_bytes(info["disk_bytes"])),
         ]

@@ -182,8 +182,8 @@ def extract(
         raise NeurostoreError(f"{out}: already exists; pass --resume to continue it or --overwrite to replace it")
     if resume and (stored is None or not stored.get("created")):
         stored = None  # nothing committed yet: start afresh
-    if stored is not None and stored.get("schema_version") != st.SCHEMA_VERSION:
-        raise NeurostoreError(f"{out}: store schema {stored.get('schema_version')} cannot be resumed by this version")
+    if stored is not None:
+        st.store_features(stored, out)
     opts = _resolve_options(options, stored)
     plan_version = stored.get("plan", 1) if stored is not None else batching.PLAN_VERSION
 

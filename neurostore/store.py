@@ -44,8 +44,14 @@ from zarr.codecs import BloscCodec
 
 from .errors import NeurostoreError
 
-SCHEMA_VERSION = 1
 ATTR = "neurostore"
+# What a store may hold beyond the first layout (schema 1). New stores list the features this version
+# writes; a reader refuses a store naming a feature it does not know (written by a newer neurostore),
+# and a store lacking one opens as before (``info`` lists what it lacks).
+#   plan_v2     batches planned by batching.PLAN_VERSION 2 (resume keeps a store's own plan)
+FEATURES = ("plan_v2",)
+# The one layout before features were listed: a store with this and no "features" has none of them.
+SCHEMA_VERSION = 1
 SITES = ("resid", "mlp")
 POOLS = ("first", "mean", "last")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -132,6 +138,28 @@ def read_meta(group: zarr.Group) -> dict | None:
     return dict(meta) if meta else None
 
 
+def store_features(meta: dict, path: str) -> list[str]:
+    """The features a store was written with; one line if it needs a newer neurostore."""
+    if "features" not in meta:
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise NeurostoreError(f"{path}: store schema {meta.get('schema_version')!r} is not one this neurostore reads")
+        return []
+    unknown = [f for f in meta["features"] if f not in FEATURES]
+    if unknown:
+        from . import __version__
+
+        raise NeurostoreError(
+            f"{path}: the store uses {', '.join(unknown)}, unknown to neurostore {__version__}; upgrade neurostore to read it"
+        )
+    return list(meta["features"])
+
+
+def missing_features(meta: dict) -> list[str]:
+    """Features this version writes that the store lacks (an older store: it still opens)."""
+    have = meta.get("features") or (["plan_v2"] if meta.get("plan", 1) >= 2 else [])
+    return [f for f in FEATURES if f not in have]
+
+
 def new_meta(
     *,
     model: dict,
@@ -156,7 +184,7 @@ def new_meta(
     count), ``batches`` the real and padded tokens of the forward passes run so far.
     """
     return {
-        "schema_version": SCHEMA_VERSION,
+        "features": [f for f in FEATURES if f != "plan_v2" or plan >= 2],
         "neurostore_version": version,
         "model": model,
         "compute_dtype": compute_dtype,
@@ -500,10 +528,7 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
         meta = read_meta(group)
         if meta is None or not meta.get("created"):
             raise NeurostoreError(f"{path}: not a neurostore store (no '{ATTR}' metadata, or creation never finished)")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise NeurostoreError(
-                f"{path}: store schema {meta.get('schema_version')} is not the supported {SCHEMA_VERSION}"
-            )
+        store_features(meta, path)
         loaded.append((str(path), group, meta))
     loaded.sort(key=lambda item: (item[2]["corpus"].get("part") or [0, 1])[0])
     first = loaded[0][2]
@@ -585,6 +610,8 @@ def summary(store: Store) -> dict:
         "plan": meta.get("plan", 1),
         "nonfinite": _sum_counts(m.get("nonfinite", {}) for m in store.metas),
         "real_token_share": _real_share(store.metas),
+        "features": sorted(set().union(*(m.get("features", []) for m in store.metas))),
+        "lacks": sorted(set().union(*(missing_features(m) for m in store.metas))),
         "options": meta["options"],
     }
 
