@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import enum
-import errno
 import functools
 import json
 import sys
@@ -15,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurostore.errors import NeurostoreError
+from neurostore.errors import MACHINE_ERRNOS, NeurostoreError, io_fault
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -55,35 +54,13 @@ def handle_errors(func: Callable) -> Callable:
                 if err.errno not in MACHINE_ERRNOS:
                     raise
                 _print_warnings(caught)
-                fail(describe_os_error(err), code=1)
+                fail(str(io_fault(err, "I/O fault", "fix it and run the command again")), code=1)
             except KeyboardInterrupt:
                 fail("interrupted", code=130)
         _print_warnings(caught)
         return result
 
     return wrapper
-
-
-# Faults of the machine rather than bugs: one line, exit 1, wherever they surface.
-MACHINE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS}
-
-
-def describe_os_error(err: OSError) -> str:
-    """One line for an I/O fault: what failed, the path, and for a full disk the free space."""
-    import os
-    import shutil
-
-    path = err.filename or ""
-    text = f"{os.strerror(err.errno)}" + (f": {path}" if path else "")
-    if err.errno in (errno.ENOSPC, errno.EDQUOT) and path:
-        probe = os.path.dirname(os.path.abspath(path))
-        while probe and not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        try:
-            text += f" ({shutil.disk_usage(probe).free / 2**20:,.1f} MiB free there)"
-        except OSError:
-            pass
-    return text + "; free space or fix the device, then run again (extract: --resume continues)"
 
 
 def _print_warnings(caught: Iterable[warnings.WarningMessage]) -> None:

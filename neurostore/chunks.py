@@ -8,7 +8,8 @@ two threads (blosc releases the GIL off the main thread) reads 2.5 GB/s. The lay
 is the one ``store.create`` writes, as ``shards.layout`` recognises it (the writer's encoder starts
 from the same function), in a local directory. Any other array (a
 remote store, other codecs or chunk shapes) is read through zarr (:class:`ZarrSource`), with the
-same values. A checksum mismatch raises :class:`~neurostore.errors.NeurostoreError`.
+same values. A checksum mismatch, an undecodable chunk or an I/O error raises
+:class:`~neurostore.errors.Fault` naming the array and the rows (:func:`damaged`).
 
 Sources are small picklable descriptions (paths and numbers, no open files), so a Dask task on any
 worker process can read its rows.
@@ -22,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import NeurostoreError
+from .errors import Fault
 
 MAX_U64 = 2**64 - 1
 
@@ -32,6 +33,7 @@ class ShardSource:
     """One activation array stored in local shard files (see the module docstring)."""
 
     directory: str  # the array's folder
+    name: str  # the array's path in the store (acts/resid ...), for messages
     keys: tuple[str, ...]  # relative path of the file of shard i
     dtype: str  # numpy dtype of the stored values (bfloat16 arrives as uint16 bits)
     chunk_rows: int
@@ -72,7 +74,7 @@ def _shard_source(array: Any) -> ShardSource:
     keys = tuple(meta.encode_chunk_key((i, 0, 0)) for i in range(-(-rows // lay.shard_rows)))
     directory = os.path.join(str(store.root), array.path) if array.path else str(store.root)
     return ShardSource(
-        directory=directory, keys=keys, dtype=np.dtype(array.dtype).str, chunk_rows=lay.chunk_rows, shard_rows=lay.shard_rows,
+        directory=directory, name=array.path, keys=keys, dtype=np.dtype(array.dtype).str, chunk_rows=lay.chunk_rows, shard_rows=lay.shard_rows,
         n_layers=n_layers, width=width, blosc=lay.blosc is not None, chunk_crc=lay.chunk_crc,
         fill_value=float(meta.fill_value),
     )
@@ -96,15 +98,55 @@ def blocks(src: ShardSource | ZarrSource, lo: int, hi: int, layers: Sequence[int
     yield from _shard_blocks(src, lo, hi, layers)
 
 
+def damaged(store_dir: str, name: str, lo: int, hi: int, what: str) -> Fault:
+    """The one error for unreadable stored rows: which store, array and rows, and what to run."""
+    return Fault(
+        f"{store_dir}: {name} rows {lo}-{hi}: {what}; the store is damaged there: run "
+        f"`neurostore info --verify {store_dir}` to list every damaged chunk"
+    )
+
+
+def _store_dir(directory: str, name: str) -> str:
+    return directory[: -len(name) - 1] if name and directory.endswith(name) else directory
+
+
+def read_zarr(arr: Any, selection: Any, lo: int, hi: int) -> np.ndarray:
+    """``arr[selection]`` through Zarr, with a damaged chunk or an I/O error as one :class:`Fault`."""
+    try:
+        return np.asarray(arr[selection])
+    except Exception as err:  # noqa: BLE001 - codecs fail in many ways (checksum, truncated, I/O)
+        root = str(getattr(arr.store_path.store, "root", arr.store_path.store))
+        raise damaged(root, arr.path, lo, hi, _why(err)) from err
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return f"I/O error ({err.strerror or err})"
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "checksum" in text.lower():
+        return "checksum mismatch"
+    return f"undecodable ({text[:120]})"
+
+
 def _zarr_blocks(arr: Any, lo: int, hi: int, layers: Sequence[int]) -> Iterator[tuple[int, int, int, np.ndarray]]:
     step_ = arr.chunks[0]
     for clo in range((lo // step_) * step_, hi, step_):
         a, b = max(lo, clo), min(hi, clo + step_)
         for j, li in enumerate(layers):
-            yield a, b, j, np.asarray(arr[a:b, li, :])
+            yield a, b, j, read_zarr(arr, (slice(a, b), li, slice(None)), a, b)
 
 
 def _shard_blocks(src: ShardSource, lo: int, hi: int, layers: Sequence[int]) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    try:
+        yield from _shard_chunks(src, lo, hi, layers)
+    except Fault:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:  # an unreadable file, a chunk that does not decode
+        base = (lo // src.shard_rows) * src.shard_rows
+        raise damaged(_store_dir(src.directory, src.name), src.name, base, base + src.shard_rows, _why(err)) from err
+
+
+def _shard_chunks(src: ShardSource, lo: int, hi: int, layers: Sequence[int]) -> Iterator[tuple[int, int, int, np.ndarray]]:
     shard = lo // src.shard_rows
     base = shard * src.shard_rows
     if hi > base + src.shard_rows:
@@ -116,7 +158,7 @@ def _shard_blocks(src: ShardSource, lo: int, hi: int, layers: Sequence[int]) -> 
     except FileNotFoundError:
         fd = None  # never written: fill value, as zarr reads it
     try:
-        index = None if fd is None else _read_index(fd, per_shard * src.n_layers, path)
+        index = None if fd is None else _read_index(fd, per_shard * src.n_layers, src, base)
         dtype = np.dtype(src.dtype)
         if index is not None:
             _read_ahead(fd, index, src, (lo - base) // src.chunk_rows, -(-(hi - base) // src.chunk_rows), layers)
@@ -128,7 +170,7 @@ def _shard_blocks(src: ShardSource, lo: int, hi: int, layers: Sequence[int]) -> 
                 if off == MAX_U64:
                     values = np.full((src.chunk_rows, src.width), src.fill_value, dtype=dtype)
                 else:
-                    values = _decode(os.pread(fd, int(n), int(off)), src, dtype, path)
+                    values = _decode(os.pread(fd, int(n), int(off)), src, dtype, clo, li)
                 yield a, b, j, values[a - clo:b - clo]
     finally:
         if fd is not None:
@@ -147,26 +189,32 @@ def _read_ahead(fd: int, index: np.ndarray, src: ShardSource, c0: int, c1: int, 
         os.posix_fadvise(fd, start, int((rows[:, 0] + rows[:, 1]).max()) - start, os.POSIX_FADV_WILLNEED)
 
 
-def _read_index(fd: int, n_chunks: int, path: str) -> np.ndarray:
+def _read_index(fd: int, n_chunks: int, src: ShardSource, base: int) -> np.ndarray:
     size = n_chunks * 16 + 4
     end = os.fstat(fd).st_size
-    raw = os.pread(fd, size, end - size)
+    raw = os.pread(fd, size, end - size) if end >= size else b""
+    where = (_store_dir(src.directory, src.name), src.name, base, base + src.shard_rows)
     if len(raw) != size:
-        raise NeurostoreError(f"{path}: shard is shorter than its index (damaged store?)")
-    _check_crc(raw, path, "shard index")
-    return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
+        raise damaged(*where, "shard file shorter than its index (truncated)")
+    if not _crc_ok(raw):
+        raise damaged(*where, "shard index checksum mismatch")
+    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
+    used = index[index[:, 0] != MAX_U64]
+    if len(used) and int((used[:, 0] + used[:, 1]).max()) > end - size:
+        raise damaged(*where, "shard index points past the chunks (truncated)")
+    return index
 
 
-def _check_crc(raw: bytes, path: str, what: str) -> None:
+def _crc_ok(raw: bytes) -> bool:
     import google_crc32c
 
-    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-        raise NeurostoreError(f"{path}: {what} checksum mismatch (damaged store)")
+    return google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:], "little")
 
 
-def _decode(raw: bytes, src: ShardSource, dtype: np.dtype, path: str) -> np.ndarray:
+def _decode(raw: bytes, src: ShardSource, dtype: np.dtype, row: int, layer: int) -> np.ndarray:
     if src.chunk_crc:
-        _check_crc(raw, path, "chunk")
+        if not _crc_ok(raw):
+            raise damaged(_store_dir(src.directory, src.name), src.name, row, row + src.chunk_rows, f"chunk checksum mismatch (layer index {layer})")
         raw = raw[:-4]
     if src.blosc:
         from numcodecs import blosc

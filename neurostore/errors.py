@@ -10,6 +10,15 @@ The CLI prints either as one line with its ``exit_code`` (``cli.common.handle_er
 exception is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+# Faults of the machine rather than bugs: one line and exit 1, wherever they surface.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS})
+
 
 class NeurostoreError(Exception):
     """A user-facing error: the message alone must say what is wrong and where."""
@@ -21,3 +30,29 @@ class Fault(NeurostoreError):
     """A fault of the machine or damage to the data, not the user's mistake."""
 
     exit_code = 1
+
+
+def io_fault(err: OSError, doing: str, then: str) -> Fault:
+    """One line for an I/O fault while ``doing`` something: what failed, the file, the free space
+    where the disk is full, and ``then``, what to do once it is fixed."""
+    path = err.filename or ""
+    text = f"{doing}: {err.strerror or os.strerror(err.errno or 0) or err}" + (f" ({path})" if path else "")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and path:
+        free = free_bytes(str(path))
+        if free is not None:
+            text += f", {free / 2**20:,.1f} MiB free there"
+    return Fault(f"{text}; {then}")
+
+
+def free_bytes(path: str) -> int | None:
+    """Free space of the filesystem holding ``path`` (or its nearest existing parent)."""
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None

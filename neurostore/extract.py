@@ -9,6 +9,7 @@ scatters them into window buffers and writes whole shards on a pool of threads.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, batching, models, transfer
+from . import __version__, batching, lock, models, transfer
 from . import store as st
 from .corpus import categories, read_corpus
-from .errors import NeurostoreError
+from .errors import MACHINE_ERRNOS, NeurostoreError, io_fault
 from .writer import Batch, Window, Writer
 
 # Options that decide what is stored and how it is batched: a resume must use the same ones.
@@ -85,20 +86,16 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
     return i, count
 
 
-def _existing(out: str) -> tuple[Any, dict | None] | None:
-    """The group and metadata at ``out`` if something is there; None if nothing is."""
+def _existing(out: str, target: Any, overwrite: bool) -> tuple[Any, dict | None] | None:
+    """The group and metadata at ``out`` if a store is there; None if nothing is. Damaged metadata
+    is a :class:`Fault` unless the store is to be overwritten anyway."""
     if "://" not in out:
-        path = Path(out)
-        if not path.exists():
+        if not (Path(out) / "zarr.json").exists():
             return None
-        if path.is_file():
-            raise NeurostoreError(f"{out}: is a file, not a store")
-        if not (path / "zarr.json").exists():
-            if any(path.iterdir()):
-                raise NeurostoreError(f"{out}: exists and is not a Zarr store; refusing to write into it")
-            return None
+        if not overwrite:
+            st.check_metadata(out)
     try:
-        group = st.open_group(out, mode="r+")
+        group = st.open_group(target, mode="r+")
     except Exception:  # noqa: BLE001 - nothing (readable) there
         return None
     return group, st.read_meta(group)
@@ -161,6 +158,7 @@ def extract(
     overwrite: bool = False,
     on_start: Callable[[int, int, int, int], None] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
+    wrap_store: Callable[[Any], Any] | None = None,
 ) -> ExtractResult:
     """Extract activations of ``corpus_paths`` into the store at ``out``.
 
@@ -168,7 +166,11 @@ def extract(
     (benchmarks and notebooks that hold one). ``on_start(total_docs, total_tokens, done_docs,
     done_tokens)`` and ``on_batch(docs, tokens, bytes)`` report progress. Safe to kill at any
     moment: ``resume=True`` continues from the last commit and yields the same store as an
-    uninterrupted run.
+    uninterrupted run. One extraction writes a store at a time (:mod:`neurostore.lock`).
+
+    A full disk or an I/O error is a :class:`~neurostore.errors.Fault` (one line: what failed,
+    where, the free space); every committed row stays, and ``resume=True`` completes the store.
+    ``wrap_store`` wraps the Zarr store every write goes through (tests inject faults with it).
     """
     options = options or ExtractOptions()
     t_start = time.perf_counter()
@@ -176,7 +178,51 @@ def extract(
         raise NeurostoreError(f"--writers {options.writers}: give a number of threads, or 0 for one per core")
     if resume and overwrite:
         raise NeurostoreError("--resume and --overwrite contradict each other: pick one")
-    found = _existing(out)
+    _check_target(out)
+    made = "://" not in out and not os.path.exists(out)
+    target = st.zarr_store(out)
+    if wrap_store is not None:
+        target = wrap_store(target)
+    try:
+        held = lock.acquire(target, out)
+        try:
+            return _extract(corpus_paths, out, target, model=model, options=options, corpus_options=corpus_options,
+                            resume=resume, overwrite=overwrite, on_start=on_start, on_batch=on_batch, t_start=t_start)
+        finally:
+            with contextlib.suppress(OSError):  # a lock left behind is taken over by the next run
+                lock.release(held)
+    except PermissionError as err:
+        raise NeurostoreError(f"{out}: cannot write the store ({err.strerror}: {err.filename}); choose another --out") from None
+    except OSError as err:
+        if err.errno not in MACHINE_ERRNOS:
+            raise
+        if err.filename and "://" not in out and not os.path.isabs(str(err.filename)):
+            err.filename = os.path.join(out, str(err.filename))  # a key of the store: name the file
+        raise io_fault(err, f"{out}: writing the store failed",
+                       "every committed row is kept: make room or fix the device, then run the same command with --resume") from None
+    finally:
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # failed before creating anything: leave no empty folder behind
+
+
+def _check_target(out: str) -> None:
+    """Refuse a file, or a folder holding something other than a store, before anything is written."""
+    if "://" in out:
+        return
+    path = Path(out)
+    if path.is_file():
+        raise NeurostoreError(f"{out}: is a file, not a store")
+    if path.is_dir() and not (path / "zarr.json").exists() and any(p.name != lock.KEY for p in path.iterdir()):
+        raise NeurostoreError(f"{out}: exists and is not a Zarr store; refusing to write into it")
+
+
+def _extract(
+    corpus_paths: list[str], out: str, target: Any, *, model: str | models.LoadedModel | None, options: ExtractOptions,
+    corpus_options: dict | None, resume: bool, overwrite: bool,
+    on_start: Callable[[int, int, int, int], None] | None, on_batch: Callable[[int, int, int], None] | None, t_start: float,
+) -> ExtractResult:
+    """The extraction itself, with the store's lock held."""
+    found = _existing(out, target, overwrite)
     stored = found[1] if found else None
     if found and not resume and not overwrite:
         raise NeurostoreError(f"{out}: already exists; pass --resume to continue it or --overwrite to replace it")
@@ -264,7 +310,7 @@ def extract(
             compression=opts.compression,
         )
         group = st.create(
-            out,
+            target,
             meta,
             texts=part.texts,
             label=(label_names, np.asarray(label_codes[lo:hi], dtype=np.int32)),
@@ -301,16 +347,10 @@ def extract(
     t_loop = time.perf_counter()
     try:
         stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, writer)
-    except OSError as err:  # disk full, permissions, a lost mount: the user's to fix, then resume
-        writer.abort()
-        raise NeurostoreError(f"{out}: writing failed ({err}); fix it and continue with --resume") from None
     except BaseException:
         writer.abort()  # the window in flight is not committed: a resume redoes it
         raise
-    try:
-        writer.close()
-    except OSError as err:
-        raise NeurostoreError(f"{out}: writing failed ({err}); fix it and continue with --resume") from None
+    writer.close()
     result.meta = writer.meta
     result.seconds = time.perf_counter() - t_start
     # "loop": first forward to last commit, without reading, tokenising and creating the store

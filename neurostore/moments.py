@@ -666,8 +666,8 @@ def _best(values: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 def _top_task(arr: Any, lo: int, hi: int, li: int, neuron: int, store_dtype: str, keep: np.ndarray, doc_arr: Any, offset: int, k: int) -> tuple:
     _configure_zarr()
-    x = st.decode(np.asarray(arr[lo:hi, li, neuron]), store_dtype).astype(np.float64)
-    mask = keep if doc_arr is None else keep[np.asarray(doc_arr[lo:hi])]
+    x = st.decode(ch.read_zarr(arr, (slice(lo, hi), li, neuron), lo, hi), store_dtype).astype(np.float64)
+    mask = keep if doc_arr is None else keep[ch.read_zarr(doc_arr, slice(lo, hi), lo, hi)]
     rows = np.arange(lo, hi, dtype=np.int64) + offset
     return _best(x[mask], rows[mask], k)
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import analysis as an
+from . import chunks as ch
 from . import moments as mo
 from .errors import NeurostoreError
 from .store import Store, _ranges
@@ -579,7 +580,8 @@ def _pick_rows(store: Store, name: str, rows_key: str, indices: Sequence[int]) -
     out = []
     for index in indices:
         p = int(np.searchsorted(bounds, index, side="right") - 1)
-        out.append(store.groups[p][name][int(index - bounds[p])])
+        row = int(index - bounds[p])
+        out.append(ch.read_zarr(store.groups[p][name], row, row, row + 1))
     return out
 
 

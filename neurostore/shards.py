@@ -43,6 +43,7 @@ class ShardEncoder:
     chunk_rows: int
     shard_rows: int
     blosc: Any  # numcodecs.Blosc or None (no compression)
+    crc: bool  # a CRC32C after each chunk
     fill: Any
     order: list[tuple[int, int, int]]  # inner chunk coordinates in Morton order
 
@@ -73,11 +74,15 @@ class ShardEncoder:
                 chunk = chunk.astype(chunk.dtype.newbyteorder("<"))
             data = self.blosc.encode(chunk) if self.blosc is not None else memoryview(chunk).cast("B")
             parts.append(data)
-            index[ci, layer, 0] = (offset, len(data))
-            offset += len(data)
+            size = len(data)
+            if self.crc:
+                parts.append(_crc(data))
+                size += 4
+            index[ci, layer, 0] = (offset, size)
+            offset += size
         index_bytes = index.tobytes()
         parts.append(index_bytes)
-        parts.append(np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
+        parts.append(_crc(index_bytes))
         return parts
 
     def store(self, shard: int, parts: list[Any]) -> None:
@@ -108,6 +113,11 @@ class ShardEncoder:
         sync(store.set(path, buffer))
 
 
+def _crc(data: Any) -> bytes:
+    """The little-endian CRC32C that Zarr's ``crc32c`` codec appends."""
+    return int(google_crc32c.value(bytes(data) if isinstance(data, memoryview) else data)).to_bytes(4, "little")
+
+
 def _writev_all(fd: int, parts: list[Any]) -> None:
     views = [memoryview(p).cast("B") for p in parts]
     while views:
@@ -126,7 +136,7 @@ class Layout:
     chunk_rows: int
     shard_rows: int
     blosc: BloscCodec | None  # the inner compressor, if any
-    chunk_crc: bool  # a CRC32C after each chunk (readers check it; this writer does not write it)
+    chunk_crc: bool  # a CRC32C after each chunk
 
 
 def layout(array: zarr.Array) -> Layout:
@@ -169,12 +179,10 @@ def encoder(array: zarr.Array) -> ShardEncoder | None:
         lay = layout(array)
     except (ValueError, AttributeError, TypeError):
         return None
-    if lay.chunk_crc:
-        return None  # per-chunk checksums are not written here: Zarr writes such arrays
     blosc = None
     if lay.blosc is not None:
         b = lay.blosc
         blosc = numcodecs.Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=_SHUFFLE[b.shuffle.value],
                                 blocksize=b.blocksize, typesize=b.typesize)
     per_shard = (lay.shard_rows // lay.chunk_rows, array.shape[1], 1)
-    return ShardEncoder(array, lay.chunk_rows, lay.shard_rows, blosc, array.metadata.fill_value, list(morton_order_iter(per_shard)))
+    return ShardEncoder(array, lay.chunk_rows, lay.shard_rows, blosc, lay.chunk_crc, array.metadata.fill_value, list(morton_order_iter(per_shard)))

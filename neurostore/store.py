@@ -31,25 +31,29 @@ Writes go through ``writer.Writer`` (whole shards, in parallel) and become visib
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from .errors import NeurostoreError
+from .chunks import read_zarr
+from .errors import Fault, NeurostoreError
 
 ATTR = "neurostore"
 # What a store may hold beyond the first layout (schema 1). New stores list the features this version
 # writes; a reader refuses a store naming a feature it does not know (written by a newer neurostore),
 # and a store lacking one opens as before (``info`` lists what it lacks).
 #   plan_v2     batches planned by batching.PLAN_VERSION 2 (resume keeps a store's own plan)
-FEATURES = ("plan_v2",)
+#   checksums   a CRC32C after every chunk of every array (activations, tables, cache)
+FEATURES = ("plan_v2", "checksums")
 # The one layout before features were listed: a store with this and no "features" has none of them.
 SCHEMA_VERSION = 1
 SITES = ("resid", "mlp")
@@ -74,21 +78,30 @@ def parse_compression(value: str) -> str:
     return f"zstd:{int(level)}" if name == "zstd" and level else name
 
 
-def compressors(compression: str, itemsize: int) -> tuple:
-    """The codec chain of an activation chunk for a ``--compression`` value.
+def compressors(compression: str, itemsize: int, checksum: bool = True) -> tuple:
+    """The codec chain of an activation chunk for a ``--compression`` value, ending in a CRC32C.
 
     ``lz4``: bit-shuffled lz4 at level 1. Activations are noisy floats: what compresses is the sign
     and exponent bits, which the bitshuffle lines up. Measured on real MiniLM float16 activations
     (benchmarks/README.md): the same ratio as zstd-1 with byte shuffle (1.08x) at 590 instead of
     320-390 MB/s. ``zstd[:LEVEL]`` (default level 3) trades speed for a few percent more; ``none``
     writes raw chunks, fastest where the disk is not the bottleneck.
+
+    The CRC32C (Zarr v3's ``crc32c`` codec, after the compressor) makes a flipped bit a read error
+    instead of a silently different activation; ``checksum=False`` is for the benchmarks' comparison.
     """
     name, _, level = compression.partition(":")
+    crc = (Crc32cCodec(),) if checksum else ()
     if name == "none":
-        return ()
+        return crc
     if name == "zstd":
-        return (BloscCodec(cname="zstd", clevel=int(level or 3), shuffle="bitshuffle", typesize=itemsize),)
-    return (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=itemsize),)
+        return (BloscCodec(cname="zstd", clevel=int(level or 3), shuffle="bitshuffle", typesize=itemsize), *crc)
+    return (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=itemsize), *crc)
+
+
+def table_codecs() -> tuple:
+    """Codecs of the small tables (docs/, tokens/, cache/): Zarr's default zstd, with a CRC32C."""
+    return (ZstdCodec(level=0, checksum=False), Crc32cCodec())
 
 
 def finite_limit(store_dtype: str) -> float:
@@ -125,12 +138,85 @@ def decode(values: np.ndarray, store_dtype: str) -> np.ndarray:
 # opening and creating
 
 
-def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
-    """A local path or any fsspec URL (``s3://``, ``gs://``, ``memory://`` ...)."""
+def open_group(url: Any, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    """A local path, any fsspec URL (``s3://``, ``gs://``, ``memory://`` ...) or a Zarr store object."""
     kwargs: dict[str, Any] = {"mode": mode}
-    if storage_options and "://" in url:
+    if storage_options and isinstance(url, str) and "://" in url:
         kwargs["storage_options"] = storage_options
     return zarr.open_group(url, **kwargs)
+
+
+def zarr_store(url: str, storage_options: dict | None = None) -> Any:
+    """The writable Zarr store object at a local path or fsspec URL: what extraction writes through
+    (and what a test wraps to inject faults)."""
+    if "://" in url:
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(url, storage_options=storage_options, read_only=False)
+    from zarr.storage import LocalStore
+
+    return LocalStore(url, read_only=False)
+
+
+def fresh_group(store: Any) -> zarr.Group:
+    """An empty group in ``store``: everything in it removed but the writer's lock. A local folder
+    itself stays as it was (owner, permissions): only its contents go."""
+    from zarr.core.sync import sync
+
+    from . import lock
+
+    root = getattr(store, "root", None)
+    if root is not None and os.path.isdir(root):
+        for entry in os.scandir(root):
+            if entry.name != lock.KEY:
+                shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+    else:
+        async def wipe() -> None:
+            keys = [key async for key in store.list()]
+            for key in keys:
+                if key != lock.KEY:
+                    await store.delete(key)
+
+        sync(wipe())
+    return zarr.open_group(store, mode="a")
+
+
+def open_checked(path: str, storage_options: dict | None = None, mode: str = "r") -> zarr.Group:
+    """Open a store's group, with damaged metadata anywhere in it (not in its cache) as one
+    :class:`Fault` naming the file, instead of a JSON traceback from the first read that meets it."""
+    check_metadata(path)
+    try:
+        return open_group(path, mode=mode, storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        raise NeurostoreError(f"{path}: not a neurostore store (no Zarr group there)") from None
+    except PermissionError as err:
+        raise NeurostoreError(f"{path}: cannot be opened ({err.strerror})") from None
+
+
+def check_metadata(path: str) -> None:
+    """Parse every ``zarr.json`` of a local store, outside ``cache/`` (derived data that heals
+    itself); a damaged one is a :class:`Fault` naming it. Remote stores are left to Zarr."""
+    if "://" in path or not os.path.isdir(path):
+        return
+    for dirpath, dirnames, files in os.walk(path):
+        if dirpath == path and "cache" in dirnames:
+            dirnames.remove("cache")
+        if "zarr.json" not in files:
+            continue
+        name = os.path.join(dirpath, "zarr.json")
+        try:
+            with builtins.open(name, "rb") as f:
+                doc = json.loads(f.read())
+            if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or "node_type" not in doc:
+                raise ValueError("not Zarr v3 metadata")
+        except OSError as err:
+            raise Fault(f"{name}: cannot be read ({err.strerror or err}); the store is damaged") from None
+        except ValueError as err:
+            what = "empty" if isinstance(err, json.JSONDecodeError) and not err.doc else f"invalid ({str(err).splitlines()[0][:80]})"
+            raise Fault(
+                f"{name}: damaged metadata, {what}; the store cannot be read as it is "
+                "(re-extract it, or restore the file from a copy)"
+            ) from None
 
 
 def read_meta(group: zarr.Group) -> dict | None:
@@ -209,7 +295,7 @@ def new_meta(
 
 
 def create(
-    url: str,
+    url: Any,
     meta: dict,
     *,
     texts: list[str],
@@ -227,7 +313,7 @@ def create(
     classifier's logits) fill in as extraction goes. ``created`` is set last, so a store killed
     while being created is recognised and started over, never resumed.
     """
-    group = open_group(url, mode="w", storage_options=storage_options)
+    group = fresh_group(zarr_store(url, storage_options) if isinstance(url, str) else url)
     n_docs = len(texts)
     total = int(n_tokens.sum())
     token_start = np.zeros(n_docs, dtype=np.int64)
@@ -236,7 +322,7 @@ def create(
     def table(name: str, values: np.ndarray, dtype: Any, attrs: dict | None = None) -> None:
         n = len(values)
         chunk = max(1, min(n, 1 << 20 if np.dtype(dtype).itemsize <= 8 else 1 << 16))
-        arr = group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=0)
+        arr = group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=table_codecs())
         if n:
             arr[:] = values
         if attrs:
@@ -247,7 +333,7 @@ def create(
     table("docs/token_start", token_start, "int64")
     table("docs/n_tokens", n_tokens.astype(np.int32), "int32")
     table("docs/truncated", truncated.astype(bool), "bool")
-    text = group.create_array("docs/text", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str)
+    text = group.create_array("docs/text", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str, compressors=table_codecs())
     if n_docs:
         text[:] = np.array(texts, dtype=object)
     table("tokens/token_id", token_ids.astype(np.int32), "int32")
@@ -275,8 +361,8 @@ def create(
             )
             arr.attrs.update({"neurostore_dtype": store_dtype, "layers": spec["layers"], "site": site})
     if classes is not None:
-        group.create_array("docs/logits", shape=(n_docs, len(classes)), chunks=(max(1, min(n_docs, 1 << 16)), len(classes)), dtype="float32", fill_value=0)
-        pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1)
+        group.create_array("docs/logits", shape=(n_docs, len(classes)), chunks=(max(1, min(n_docs, 1 << 16)), len(classes)), dtype="float32", fill_value=0, compressors=table_codecs())
+        pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1, compressors=table_codecs())
         pred.attrs.update({"categories": classes})
     meta = dict(meta, created=True, n_tokens=total)
     group.attrs.update({ATTR: meta})
@@ -472,7 +558,7 @@ class Store:
         """A per-sentence column over all parts; offsets are shifted so they index the whole."""
         values, tok_shift = [], 0
         for (arr, rows), meta in zip(self._arrays(f"docs/{name}", "committed_docs"), self.metas):
-            v = np.asarray(arr[:rows])
+            v = read_zarr(arr, slice(0, rows), 0, rows)
             if name == "token_start":
                 v = v + tok_shift
             values.append(v)
@@ -482,7 +568,7 @@ class Store:
     def token_column(self, name: str) -> np.ndarray:
         values, doc_shift = [], 0
         for (arr, rows), meta in zip(self._arrays(f"tokens/{name}", "committed_tokens"), self.metas):
-            v = np.asarray(arr[:rows])
+            v = read_zarr(arr, slice(0, rows), 0, rows)
             if name == "doc":
                 v = v + doc_shift
             values.append(v)
@@ -521,10 +607,7 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
         raise NeurostoreError("no store given")
     loaded = []
     for path in paths:
-        try:
-            group = open_group(str(path), mode="r", storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise NeurostoreError(f"{path}: not a neurostore store (no Zarr group there)") from None
+        group = open_checked(str(path), storage_options)
         meta = read_meta(group)
         if meta is None or not meta.get("created"):
             raise NeurostoreError(f"{path}: not a neurostore store (no '{ATTR}' metadata, or creation never finished)")
@@ -646,39 +729,63 @@ def describe_nonfinite(counts: dict[str, dict[str, int]], store_dtype: str) -> l
 
 
 def verify(store: Store) -> list[str]:
-    """Read every committed row and check that the tables agree. Returns the problems found."""
+    """Read every committed row, check every checksum, and check that the tables agree.
+
+    Returns the problems found, one line each: every damaged chunk (array, rows, layer), every
+    block with non-finite values, every inconsistency between the tables.
+    """
+    from . import chunks as ch
+
     problems: list[str] = []
     for path, group, meta in zip(store.paths, store.groups, store.metas):
         docs, toks = meta["committed_docs"], meta["committed_tokens"]
-        try:
-            n_tokens = np.asarray(group["docs/n_tokens"][:])
-            start = np.asarray(group["docs/token_start"][:])
-            doc_of = np.asarray(group["tokens/doc"][:])
-        except Exception as err:  # noqa: BLE001 - a broken store can fail in many ways
-            return problems + [f"{path}: cannot read the tables: {err}"]
-        if int(n_tokens[:docs].sum()) != toks:
-            problems.append(f"{path}: committed tokens {toks} != sum of n_tokens of committed sentences {int(n_tokens[:docs].sum())}")
-        if len(start) and (start[0] != 0 or np.any(start[1:] != np.cumsum(n_tokens)[:-1])):
-            problems.append(f"{path}: docs/token_start is not the running sum of docs/n_tokens")
-        if not np.array_equal(doc_of, np.repeat(np.arange(len(n_tokens)), n_tokens)):
-            problems.append(f"{path}: tokens/doc does not match docs/n_tokens")
-        if meta["complete"] and (docs != meta["n_docs"] or toks != meta["n_tokens"]):
-            problems.append(f"{path}: marked complete but only {docs}/{meta['n_docs']} sentences committed")
+        tables: dict[str, np.ndarray] = {}
+        for sub in ("docs", "tokens"):
+            for name, arr in sorted(group[sub].arrays(), key=lambda kv: kv[0]):
+                step = arr.chunks[0]
+                parts = []
+                for lo in range(0, arr.shape[0], step):
+                    try:
+                        parts.append(ch.read_zarr(arr, slice(lo, lo + step), lo, min(arr.shape[0], lo + step)))
+                    except Fault as err:
+                        problems.append(str(err).split("; the store is damaged")[0])
+                        parts = None
+                        break
+                if parts is not None and parts:
+                    tables[f"{sub}/{name}"] = np.concatenate(parts)
+        if all(k in tables for k in ("docs/n_tokens", "docs/token_start", "tokens/doc")):
+            problems += _check_tables(path, meta, tables["docs/n_tokens"], tables["docs/token_start"], tables["tokens/doc"])
         for name, rows in _activation_arrays(group, meta, docs, toks):
-            arr = group[name]
-            step = arr.shards[0] if arr.shards else arr.chunks[0]
-            for lo in range(0, rows, step):
-                try:
-                    block = decode(np.asarray(arr[lo:min(rows, lo + step)]), meta["store_dtype"])
-                except Exception as err:  # noqa: BLE001
-                    problems.append(f"{path}: {name} rows {lo}-{min(rows, lo + step)}: unreadable ({err})")
-                    continue
-                bad = ~np.isfinite(block)
-                if bad.any():
-                    problems.append(
-                        f"{path}: {name} rows {lo}-{min(rows, lo + step)}: {int(bad.sum())} non-finite values"
-                        " (float16 overflow? extract with --store-dtype bfloat16 or float32)"
-                    )
+            src = ch.source(group[name])
+            chunk, _ = ch.step(src)
+            for lo in range(0, rows, chunk):
+                hi = min(rows, lo + chunk)
+                for li in range(group[name].shape[1]):
+                    try:
+                        block = next(ch.blocks(src, lo, hi, [li]))[3]
+                    except Fault as err:
+                        problems.append(str(err).split("; the store is damaged")[0] + f" (layer index {li})" * ("layer index" not in str(err)))
+                        continue
+                    bad = ~np.isfinite(decode(block, meta["store_dtype"]))
+                    if bad.any():
+                        problems.append(
+                            f"{path}: {name} rows {lo}-{hi} layer index {li}: {int(bad.sum())} non-finite values"
+                            " (float16 overflow? extract with --store-dtype bfloat16 or float32)"
+                        )
+    return problems
+
+
+def _check_tables(path: str, meta: dict, n_tokens: np.ndarray, start: np.ndarray, doc_of: np.ndarray) -> list[str]:
+    docs, toks = meta["committed_docs"], meta["committed_tokens"]
+    problems = []
+    if int(n_tokens[:docs].sum()) != toks:
+        problems.append(f"{path}: committed tokens {toks} != sum of n_tokens of committed sentences {int(n_tokens[:docs].sum())}")
+    if len(start) and (start[0] != 0 or np.any(start[1:] != np.cumsum(n_tokens)[:-1])):
+        problems.append(f"{path}: docs/token_start is not the running sum of docs/n_tokens")
+    if not np.array_equal(doc_of, np.repeat(np.arange(len(n_tokens)), n_tokens)):
+        problems.append(f"{path}: tokens/doc does not match docs/n_tokens")
+    if meta["complete"] and (docs != meta["n_docs"] or toks != meta["n_tokens"]):
+        problems.append(f"{path}: marked complete but only {docs}/{meta['n_docs']} sentences committed")
     return problems
 
 
