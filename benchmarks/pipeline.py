@@ -170,12 +170,14 @@ def row_zarr(store_like: dict, compression: str, folder: Path) -> dict:
     return {"seconds": seconds, "cpu": cpu_seconds() - c0, "disk": common.dir_bytes(target)}
 
 
-def row_neurostore(loaded, corpus: Path, folder: Path, sites: list[str], compression: str, writers: int, batch_tokens: int | None) -> dict:
+def row_neurostore(loaded, corpus: Path, folder: Path, sites: list[str], compression: str, writers: int, batch_tokens: int | None,
+                   checksums: bool = True) -> dict:
     from neurostore import extract as ex
 
     target = folder / "ns.zarr"
     shutil.rmtree(target, ignore_errors=True)
-    opts = ex.ExtractOptions(sites=sites, compression=compression, writers=writers, max_batch_tokens=batch_tokens, device="cpu")
+    opts = ex.ExtractOptions(sites=sites, compression=compression, writers=writers, max_batch_tokens=batch_tokens, device="cpu",
+                             checksums=checksums)
     c0, t0 = cpu_seconds(), time.perf_counter()
     res = ex.extract([str(corpus)], str(target), model=loaded, options=opts)
     seconds = time.perf_counter() - t0
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             values = torch.stack(premade, 1).to(torch.float16).numpy()
             zarr_like = {"shape": (nbytes // (widths[site0][0] * widths[site0][1] * 2), *widths[site0]), "values": values}
             plan = [("raw", None, None)] + [("zarr", c, None) for c in compressions] + [("neurostore", c, w) for c in compressions for w in writer_counts]
+            plan += [("no-crc", c, writer_counts[-1]) for c in compressions if not c.startswith("zstd")]  # what the per-chunk CRC32C costs
             warm = work / "warmup.jsonl"  # first-call costs (torch kernels, zarr, page faults) stay out of the rows
             warm.write_text("".join(corpus.read_text().splitlines(keepends=True)[:50]))
             row_neurostore(loaded, warm, work, sites, compressions[0], writer_counts[0], a.batch_tokens)
@@ -242,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                         r = row_zarr(zarr_like, comp, work)
                         results.append({"row": f"zarr alone {comp}", "rep": rep, **r})
                     else:
-                        r = row_neurostore(loaded, corpus, work, sites, comp, writers, a.batch_tokens)
-                        results.append({"row": f"neurostore {comp} writers={writers}", "rep": rep, "compression": comp, "writers": writers, **r})
+                        crc = kind == "neurostore"
+                        r = row_neurostore(loaded, corpus, work, sites, comp, writers, a.batch_tokens, checksums=crc)
+                        name = f"neurostore {comp} writers={writers}" + ("" if crc else " without checksums")
+                        results.append({"row": name, "rep": rep, "compression": comp, "writers": writers, **r})
             rows = summarise(results, nbytes, n_tokens)
             table = render(shape, sites, n_tokens, nbytes, rows, compressions, writer_counts, small=mb < 512)
             print(table, flush=True)
@@ -309,11 +314,16 @@ def render(shape: str, sites: list[str], n_tokens: int, nbytes: int, rows: dict,
     if small:  # the page cache takes a small write at memory speed, and start-up weighs on every row
         lines += [f"(rows of {nbytes / 1e6:,.0f} MB: the raw write lands in the page cache and each extraction's start-up"
                   " dominates, so these ratios say nothing about the targets; they are meant for rows of 1 GB)", ""]
-    best = lambda comp: max((r["x_raw"] for n, r in ns.items() if n.startswith(f"neurostore {comp} ")), default=None)  # noqa: E731
+    best = lambda comp: max((r["x_raw"] for n, r in ns.items() if n.startswith(f"neurostore {comp} ") and "without" not in n), default=None)  # noqa: E731
     for label, comp, goal in (("--compression none", "none", TARGETS["none"]), ("default options (lz4)", "lz4", TARGETS["default"])):
         got = best(comp)
         if got is not None:
             lines.append(f"- {label}: {got:.2f}x raw write, target >= {goal}: {'PASS' if got >= goal else 'short'}")
+    for name, r in ns.items():
+        if name.endswith(" without checksums") and name.removesuffix(" without checksums") in ns:
+            with_crc = ns[name.removesuffix(" without checksums")]
+            lines.append(f"- checksums ({name.removesuffix(' without checksums')}): {with_crc['mb_s']['median']:,.0f} MB/s with, "
+                         f"{r['mb_s']['median']:,.0f} MB/s without ({with_crc['seconds'] / r['seconds'] - 1:+.1%} time)")
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ ENV = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
 # synthetic stores
 
 
-def build_store(path: Path, n_tokens: int, n_layers: int, width: int, seed: int = 0, block: int = 65536) -> dict:
+def build_store(path: Path, n_tokens: int, n_layers: int, width: int, seed: int = 0, block: int = 65536, checksums: bool = True) -> dict:
     """A store of ``n_tokens`` token rows (sentences of 4 to 60 tokens, skewed label and language
     frequencies), written block by block through :class:`ShardAppender`: never all in memory."""
     import numpy as np
@@ -65,7 +65,7 @@ def build_store(path: Path, n_tokens: int, n_layers: int, width: int, seed: int 
     meta = st.new_meta(
         model={"name": "synthetic", "model_type": "synthetic"}, compute_dtype="float32", store_dtype="float16",
         sites=sites, pool=[], tokens=True, options={}, corpus={"fingerprint": f"synthetic-{seed}-{n_tokens}"},
-        n_docs=n_docs, n_tokens=total, n_truncated=0, version="benchmark",
+        n_docs=n_docs, n_tokens=total, n_truncated=0, version="benchmark", checksums=checksums,
     )
     group = st.create(
         str(path), meta, texts=[f"s{i}" for i in range(n_docs)], label=(LABELS, label), lang=(LANGS, lang),
@@ -261,6 +261,7 @@ PASS_ROWS = (  # (key, label, threads, cluster, quantiles)
     ("threads2", "pass, 2 local threads", 2, False, False),
     ("cluster2", "pass, LocalCluster 2 workers", 2, True, False),
     ("quantiles2", "pass + quantile sketch, 2 threads", 2, False, True),
+    ("nocrc2", "pass, 2 local threads, same store without checksums", 2, False, False),  # what the CRC32C check costs
 )
 
 
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="Query worker threads (default: all cores).")
     p.add_argument("--work", default=None, help="Scratch folder for the stores (default: a temporary folder).")
     p.add_argument("--results", default=str(common.RESULTS), help="Folder for the results JSON.")
-    p.add_argument("--passes", default="threads1,threads2,cluster2,quantiles2",
-                   help="Pass rows to run (threads1, threads2, cluster2, quantiles2; empty for none).")
+    p.add_argument("--passes", default="threads1,threads2,cluster2,quantiles2,nocrc2",
+                   help="Pass rows to run (threads1, threads2, cluster2, quantiles2, nocrc2; empty for none).")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quantiles", action="store_true", help=argparse.SUPPRESS)
@@ -316,7 +317,14 @@ def main(argv: list[str] | None = None) -> int:
                  "passes": {}, "queries": []}
         wanted = [r for r in PASS_ROWS if r[0] in a.passes.split(",")]
         for key, label, threads, cluster, quantiles in wanted:
-            r = run_pass(path, a, work, threads, cluster, quantiles)
+            target = path
+            if key == "nocrc2":
+                target = work / f"synthetic-{size}mb-nocrc.zarr"
+                shutil.rmtree(target, ignore_errors=True)
+                build_store(target, n_tokens, a.layers, a.width, checksums=False)
+            r = run_pass(target, a, work, threads, cluster, quantiles)
+            if key == "nocrc2":
+                shutil.rmtree(target, ignore_errors=True)
             if r.get("ok"):
                 r["mb_s"] = info["store_bytes"] / r["seconds"] / 1e6
                 r["mb_per_cpu_s"] = info["store_bytes"] / r["cpu_seconds"] / 1e6 if r.get("cpu_seconds") else None
@@ -364,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ps["threads2"]["seconds"] / ps["cluster2"]["seconds"]
         goals.append({"target": "LocalCluster (2 worker processes) within 20% of 2 local threads", "pass": ratio >= 0.8,
                       "detail": f"{ps['cluster2']['mb_s']:,.0f} vs {ps['threads2']['mb_s']:,.0f} MB/s ({ratio:.2f}x)"})
+    if ps.get("threads2", {}).get("ok") and ps.get("nocrc2", {}).get("ok"):
+        goals.append({"target": "checksums: the pass with CRC32C checks, against the same store without them (information)", "pass": True,
+                      "detail": f"{ps['threads2']['mb_s']:,.0f} vs {ps['nocrc2']['mb_s']:,.0f} MB/s "
+                                f"({ps['threads2']['seconds'] / ps['nocrc2']['seconds'] - 1:+.1%} time)"})
     rss = [(e["size_mb"], e["passes"]["threads2"]["peak_rss_mb"]) for e in out_sizes if e["passes"].get("threads2", {}).get("ok")]
     if len(rss) >= 2:
         goals.append({"target": "pass peak RSS flat in store size (largest / smallest <= 1.10)", "pass": rss[-1][1] / rss[0][1] <= 1.10,

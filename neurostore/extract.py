@@ -50,6 +50,7 @@ class ExtractOptions:
     compression: str | None = None  # none, lz4 or zstd[:LEVEL]; default lz4
     device: str = "auto"
     writers: int = 0  # shard writer threads; 0: writer.default_writers() (does not change the bytes)
+    checksums: bool = True  # a CRC32C per chunk; off only to measure their cost (benchmarks/pipeline.py)
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _extract(
             sites={name: {"layers": s.layers, "width": s.width} for name, s in sites.items()},
             pool=opts.pool,
             tokens=opts.tokens,
-            options={k: v for k, v in asdict(opts).items() if k not in ("device", "writers")},
+            options={k: v for k, v in asdict(opts).items() if k not in ("device", "writers", "checksums")},
             corpus={
                 "files": corpus.files,
                 "fingerprint": corpus.fingerprint,
@@ -308,6 +309,7 @@ def _extract(
             version=__version__,
             plan=plan_version,
             compression=opts.compression,
+            checksums=opts.checksums,
         )
         group = st.create(
             target,

@@ -3,7 +3,7 @@
 This module is the contract between extraction and everything that reads a store; outside tools
 read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
 
-    attrs["neurostore"]             metadata (see ``new_meta``): model, sites, dtypes, options,
+    attrs["neurostore"]             metadata (see ``new_meta``): features, model, sites, dtypes, options,
                                     corpus fingerprint, committed counts, complete or not
     docs/text        [n_docs] str   the sentence as read
     docs/label       [n_docs] int32 category code, -1 = missing; attrs["categories"] = names
@@ -17,6 +17,13 @@ read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
     tokens/doc       [n_tokens] int32 the sentence each token row belongs to
     acts/{site}      [n_tokens, n_layers, width]   absent with --no-tokens
     pooled/{site}/{first|mean|last} [n_docs, n_layers, width]
+
+    cache/<key>/...                 statistics of earlier queries (derived data: a damaged entry is
+                                    dropped and recomputed)
+    neurostore.lock                 held while an extraction writes (see ``lock``)
+
+Every chunk of every array ends in a CRC32C (the store feature ``checksums``), so a flipped bit is a
+read error naming the array and rows (``chunks.damaged``), never a silently different value.
 
 Sentences are in corpus order; padding is never stored. Activation arrays are chunked
 ``(rows, 1, width)`` (one layer per chunk, so reading a layer never reads another) and sharded
@@ -99,9 +106,9 @@ def compressors(compression: str, itemsize: int, checksum: bool = True) -> tuple
     return (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=itemsize), *crc)
 
 
-def table_codecs() -> tuple:
+def table_codecs(checksum: bool = True) -> tuple:
     """Codecs of the small tables (docs/, tokens/, cache/): Zarr's default zstd, with a CRC32C."""
-    return (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+    return (ZstdCodec(level=0, checksum=False), *((Crc32cCodec(),) if checksum else ()))
 
 
 def finite_limit(store_dtype: str) -> float:
@@ -262,6 +269,7 @@ def new_meta(
     version: str,
     plan: int = 1,
     compression: str = DEFAULT_COMPRESSION,
+    checksums: bool = True,
 ) -> dict:
     """The group attribute that describes a store; ``committed_*`` and ``complete`` move as it fills.
 
@@ -270,7 +278,7 @@ def new_meta(
     count), ``batches`` the real and padded tokens of the forward passes run so far.
     """
     return {
-        "features": [f for f in FEATURES if f != "plan_v2" or plan >= 2],
+        "features": [f for f in FEATURES if (f != "plan_v2" or plan >= 2) and (f != "checksums" or checksums)],
         "neurostore_version": version,
         "model": model,
         "compute_dtype": compute_dtype,
@@ -315,6 +323,7 @@ def create(
     """
     group = fresh_group(zarr_store(url, storage_options) if isinstance(url, str) else url)
     n_docs = len(texts)
+    crc = "checksums" in meta.get("features", [])
     total = int(n_tokens.sum())
     token_start = np.zeros(n_docs, dtype=np.int64)
     np.cumsum(n_tokens[:-1], out=token_start[1:])
@@ -322,7 +331,7 @@ def create(
     def table(name: str, values: np.ndarray, dtype: Any, attrs: dict | None = None) -> None:
         n = len(values)
         chunk = max(1, min(n, 1 << 20 if np.dtype(dtype).itemsize <= 8 else 1 << 16))
-        arr = group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=table_codecs())
+        arr = group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=table_codecs(crc))
         if n:
             arr[:] = values
         if attrs:
@@ -333,7 +342,7 @@ def create(
     table("docs/token_start", token_start, "int64")
     table("docs/n_tokens", n_tokens.astype(np.int32), "int32")
     table("docs/truncated", truncated.astype(bool), "bool")
-    text = group.create_array("docs/text", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str, compressors=table_codecs())
+    text = group.create_array("docs/text", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str, compressors=table_codecs(crc))
     if n_docs:
         text[:] = np.array(texts, dtype=object)
     table("tokens/token_id", token_ids.astype(np.int32), "int32")
@@ -355,14 +364,14 @@ def create(
                 chunks=(chunk, 1, width),
                 shards=(shard, n_layers, width),
                 dtype=dtype,
-                compressors=compressors(meta.get("compression", DEFAULT_COMPRESSION), dtype.itemsize),
+                compressors=compressors(meta.get("compression", DEFAULT_COMPRESSION), dtype.itemsize, crc),
                 fill_value=0,
                 dimension_names=("token" if name.startswith("acts") else "doc", "layer", "neuron"),
             )
             arr.attrs.update({"neurostore_dtype": store_dtype, "layers": spec["layers"], "site": site})
     if classes is not None:
-        group.create_array("docs/logits", shape=(n_docs, len(classes)), chunks=(max(1, min(n_docs, 1 << 16)), len(classes)), dtype="float32", fill_value=0, compressors=table_codecs())
-        pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1, compressors=table_codecs())
+        group.create_array("docs/logits", shape=(n_docs, len(classes)), chunks=(max(1, min(n_docs, 1 << 16)), len(classes)), dtype="float32", fill_value=0, compressors=table_codecs(crc))
+        pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1, compressors=table_codecs(crc))
         pred.attrs.update({"categories": classes})
     meta = dict(meta, created=True, n_tokens=total)
     group.attrs.update({ATTR: meta})

@@ -1,0 +1,49 @@
+"""Stores written by earlier versions keep working; a store from a newer version is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import neurostore
+from cli.main import app
+from neurostore import store as st
+
+runner = CliRunner()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture()
+def old_store(tmp_path) -> Path:
+    """A store written by neurostore 0.1 (schema 1: no features, no chunk checksums)."""
+    out = tmp_path / "old.zarr"
+    shutil.copytree(FIXTURES / "store-v0.1.zarr", out)  # queries write their cache into it
+    return out
+
+
+def test_an_old_store_opens_queries_and_says_what_it_lacks(old_store):
+    store = neurostore.open(str(old_store))
+    assert "schema_version" in store.meta and "features" not in store.meta
+    assert "checksums" in st.missing_features(store.meta)
+    res = runner.invoke(app, ["info", str(old_store), "--verify"])
+    assert res.exit_code == 0, res.output
+    assert "lacks" in res.output and "checksums" in res.output and "written by an older neurostore" in res.output
+    res = runner.invoke(app, ["query", "variance", str(old_store), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["top"]) == 20
+
+
+def test_a_store_from_a_newer_version_is_refused_in_one_line(old_store):
+    meta = json.loads((old_store / "zarr.json").read_text())
+    attrs = meta["attributes"]["neurostore"]
+    attrs.pop("schema_version")
+    attrs["features"] = ["checksums", "teleportation"]
+    (old_store / "zarr.json").write_text(json.dumps(meta))
+    for args in (["info", str(old_store)], ["query", "variance", str(old_store)]):
+        res = runner.invoke(app, args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and "teleportation" in lines[0] and "upgrade neurostore" in lines[0], res.output
