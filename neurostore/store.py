@@ -227,7 +227,11 @@ def create(
     classifier's logits) fill in as extraction goes. ``created`` is set last, so a store killed
     while being created is recognised and started over, never resumed.
     """
-    group = open_group(url, mode="w", storage_options=storage_options)
+    mode = "w"
+    if "://" not in url and os.path.isdir(url):  # keep an existing folder: its permissions, owner, mount
+        _empty_folder(url)
+        mode = "w-"
+    group = open_group(url, mode=mode, storage_options=storage_options)
     n_docs = len(texts)
     total = int(n_tokens.sum())
     token_start = np.zeros(n_docs, dtype=np.int64)
@@ -281,6 +285,17 @@ def create(
     meta = dict(meta, created=True, n_tokens=total)
     group.attrs.update({ATTR: meta})
     return group
+
+
+def _empty_folder(path: str) -> None:
+    """Remove what is inside ``path`` (a store being replaced), not the folder itself."""
+    import shutil
+
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def commit(
@@ -613,6 +628,10 @@ def summary(store: Store) -> dict:
         "features": sorted(set().union(*(m.get("features", []) for m in store.metas))),
         "lacks": sorted(set().union(*(missing_features(m) for m in store.metas))),
         "options": meta["options"],
+        # where labels and languages came from (None: none found); unusable rows --skip-bad left out
+        # (corpus-wide, the same in every part); both absent (None) in stores from before they were kept
+        "sources": meta["corpus"].get("sources"),
+        "skipped": meta["corpus"].get("skipped"),
     }
 
 
