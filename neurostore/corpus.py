@@ -37,6 +37,11 @@ class Corpus:
     langs: list[str | None] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    skipped: list[str] = field(default_factory=list)  # "file:line: why" of rows left out by skip_bad
+    # where labels and languages came from ("column 'label'", "--lang en"), None where nowhere
+    sources: dict[str, str | None] = field(default_factory=dict)
+    # (file, columns found, label/lang columns it lacks) for files that have columns but not those
+    lacking: list[tuple[str, list[str], list[tuple[str, str]]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -48,6 +53,22 @@ class Corpus:
             self.langs[start:stop],
             self.files,
             self.fingerprint,
+            self.skipped,
+            self.sources,
+            self.lacking,
+        )
+
+    def missing_columns_warning(self) -> str | None:
+        """One line for files with columns but not the label/language ones (None if every file has them)."""
+        if not self.lacking:
+            return None
+        path, columns, missing = self.lacking[0]
+        more = f" (and {len(self.lacking) - 1} more file(s))" if len(self.lacking) > 1 else ""
+        nouns = {"label": "labels", "lang": "languages"}
+        what = " and ".join(f"{nouns[key]} (no column {col!r})" for key, col in missing)
+        return (
+            f"{path}{more}: stored without {what}; columns found: {', '.join(columns)}; "
+            f"name them with {' / '.join(f'--{key}-col' for key, _ in missing)}"
         )
 
 
@@ -137,12 +158,16 @@ def read_corpus(
     label_col: str | None = "label",
     lang_col: str | None = "lang",
     lang: list[str] | str | None = None,
+    skip_bad: bool | None = None,
 ) -> Corpus:
     """Read one or more corpus files, in the order given, into a :class:`Corpus`.
 
     ``lang`` sets the language of whole files: one code for all of them, or one per file. A label or
-    language column that a file lacks is simply missing (None); a text column that is missing, or an
-    empty text, is an error.
+    language column that a file lacks is missing (None) and noted in ``lacking``, so the caller can
+    warn; a text column that is missing from the file is an error. A row whose text is empty,
+    missing or not a string is an error naming the row, or with ``skip_bad`` left out and listed in
+    ``skipped`` (the same rows on every read of the same bytes, so a resume sees the same corpus).
+    ``skip_bad=None`` is for callers that offer no such option: the error then does not suggest it.
     """
     if not paths:
         raise NeurostoreError("no corpus file given")
@@ -160,6 +185,7 @@ def read_corpus(
         langs_per_file = codes
 
     corpus = Corpus()
+    found_in: dict[str, list[bool]] = {"label": [], "lang": []}
     fingerprint_parts = [json.dumps([fmt, text_col, label_col, lang_col, langs_per_file]).encode()]
     for path, file_lang in zip(map(Path, paths), langs_per_file):
         if not path.exists():
@@ -177,20 +203,48 @@ def read_corpus(
             raise NeurostoreError(
                 f"{path}: no column {text_col!r} (columns found: {found}); set it with --text-col"
             )
+        if file_fmt != "text":
+            wanted = [("label", label_col)] + ([("lang", lang_col)] if file_lang is None else [])
+            missing = [(key, col) for key, col in wanted if col and col not in columns]
+            if missing:
+                corpus.lacking.append((str(path), [str(c) for c in columns], missing))
+        for col, key in ((label_col, "label"), (lang_col, "lang")):
+            if key == "lang" and file_lang is not None:
+                found_in[key].append(True)
+            else:
+                found_in[key].append(bool(col) and file_fmt != "text" and col in columns)
         for n, row in rows:
             text = row.get(text_col)
+            problem = None
             if not isinstance(text, str):
-                raise NeurostoreError(
-                    f"{path}:{n}: column {text_col!r} is missing or not a string"
-                )
-            if not text.strip():
-                raise NeurostoreError(f"{path}:{n}: empty text")
+                problem = f"column {text_col!r} is missing or not a string"
+            elif not text.strip():
+                problem = "empty text"
+            if problem is not None:
+                if not skip_bad:
+                    hint = " (--skip-bad skips and counts such rows)" if skip_bad is False else ""
+                    raise NeurostoreError(f"{path}:{n}: {problem}{hint}")
+                corpus.skipped.append(f"{path}:{n}: {problem}")
+                continue
             corpus.texts.append(text)
             corpus.labels.append(_category(row, label_col))
             corpus.langs.append(file_lang if file_lang is not None else _category(row, lang_col))
         corpus.files.append(str(path))
+    if not corpus.texts:
+        raise NeurostoreError(f"no usable sentences: all {len(corpus.skipped)} rows were skipped ({corpus.skipped[0]})")
     corpus.fingerprint = _fingerprint(fingerprint_parts)
+    corpus.sources = {
+        "label": _source(f"column {label_col!r}", found_in["label"]),
+        "lang": f"--lang {','.join(dict.fromkeys(langs_per_file))}" if lang is not None else _source(f"column {lang_col!r}", found_in["lang"]),
+    }
     return corpus
+
+
+def _source(what: str, found: list[bool]) -> str | None:
+    """Where a categorical column came from: ``what``, in how many files if not all, or None."""
+    if not any(found):
+        return None
+    return what if all(found) else f"{what} ({sum(found)} of {len(found)} files)"
 
 
 def _category(row: dict, column: str | None) -> str | None:

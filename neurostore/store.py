@@ -705,6 +705,10 @@ def summary(store: Store) -> dict:
         "features": sorted(set().union(*(m.get("features", []) for m in store.metas))),
         "lacks": sorted(set().union(*(missing_features(m) for m in store.metas))),
         "options": meta["options"],
+        # where labels and languages came from (None: none found); unusable rows --skip-bad left out
+        # (corpus-wide, the same in every part); both absent (None) in stores from before they were kept
+        "sources": meta["corpus"].get("sources"),
+        "skipped": meta["corpus"].get("skipped"),
     }
 
 
