@@ -13,7 +13,7 @@ language ``(missing)``. Filters drop rows before grouping; a token-kind filter d
 ``tokens/kind`` (the runs of rows per group are then runs of kept token rows).
 
 Finalised statistics are cached inside the store under ``cache/<key>`` (one entry per layer; the key
-hashes site, layer, rows, grouping, filters and the committed counts of every part, so an entry
+hashes site, layer, rows, grouping, filters, token kinds and the committed counts of every part, so an entry
 stops matching as soon as extraction commits more rows). Read-only stores just recompute.
 
 Quantile sketch: a fixed 128-bin histogram over ``asinh(x)`` in ``[-8, 8]`` per group and neuron
