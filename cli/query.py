@@ -34,6 +34,8 @@ ZSCORE = typer.Option(True, "--zscore/--no-zscore", help="Standardise each neuro
 SCHEDULER = typer.Option(None, "--scheduler", help="Run the pass on this Dask distributed scheduler (tcp://host:8786). [default: local threads]", show_default=False)
 WORKERS = typer.Option(None, "--workers", help="Local threads for the pass. [default: CPU count]", show_default=False)
 NO_CACHE = typer.Option(False, "--no-cache", help="Neither read nor write the statistics cache in the store.")
+TOKEN_KIND = typer.Option(None, "--token-kind", help="Keep token rows of these kinds only: text, special, audio (comma-separated or repeated; token rows only). [default: all]", show_default=False)
+SKIP_SPECIAL = typer.Option(False, "--skip-special", help="Leave out the tokenizer's special tokens ([CLS], [SEP], <s> ...): --token-kind with every kind but special.")
 
 
 def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
@@ -64,13 +66,27 @@ def open_stores(stores: list[str]) -> Any:
     return neurostore.open(stores)
 
 
-def common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache) -> tuple[Any, dict, dict]:
-    """(store, selection keywords, run keywords)."""
+def token_kind_option(token_kind: Optional[list[str]], skip_special: bool) -> Optional[list[str]]:
+    """The token kinds asked for (None: all rows); the library checks them against rows and store."""
+    from neurostore.store import TOKEN_KINDS
+
+    kinds = split_names(token_kind)
+    if kinds and skip_special:
+        fail("--token-kind and --skip-special exclude each other: --skip-special is --token-kind " + ",".join(k for k in TOKEN_KINDS if k != "special"))
+    return [k for k in TOKEN_KINDS if k != "special"] if skip_special else kinds
+
+
+def common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind=None, skip_special=False) -> tuple[Any, dict, dict]:
+    """(store, selection keywords, run keywords). Token kinds travel as ``where["token_kind"]``,
+    which every query function passes on to its selection."""
     rows = rows_option(pool, tokens)
     if workers is not None and workers < 1:
         fail(f"--workers {workers}: expected at least 1")
+    kinds = token_kind_option(token_kind, skip_special)
     store = open_stores(stores)
     sel = {"rows": rows, "lang": split_names(lang), "label": split_names(label), "where": parse_where(where)}
+    if kinds:
+        sel["where"].setdefault("token_kind", []).extend(kinds)
     run = {"scheduler": scheduler, "workers": workers, "cache": not no_cache}
     return store, sel, run
 
@@ -100,12 +116,14 @@ def variance_command(
     fmt: OutputFormat = FORMAT_OPTION,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
+    token_kind: Optional[list[str]] = TOKEN_KIND,
+    skip_special: bool = SKIP_SPECIAL,
     no_cache: bool = NO_CACHE,
 ) -> None:
     """Per-neuron variance over label means of z, with the one-way ANOVA F; --within: per label."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
     res = q.variance(store, site, layer, by=within or by, per=per, within=within is not None, zscore=zscore, top=top, **sel, **run)
     if fmt == OutputFormat.json:
         print_json(res.to_json())
@@ -152,12 +170,14 @@ def correlate_command(
     fmt: OutputFormat = FORMAT_OPTION,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
+    token_kind: Optional[list[str]] = TOKEN_KIND,
+    skip_special: bool = SKIP_SPECIAL,
     no_cache: bool = NO_CACHE,
 ) -> None:
     """Per label, the language x language correlation of the mean-z profiles over neurons."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
     res = q.correlate(store, site, layer, by=by, across=across, method=method, zscore=zscore, **sel, **run)
     if fmt == OutputFormat.json:
         print_json(res.to_json())
@@ -189,12 +209,14 @@ def polyglot_command(
     fmt: OutputFormat = FORMAT_OPTION,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
+    token_kind: Optional[list[str]] = TOKEN_KIND,
+    skip_special: bool = SKIP_SPECIAL,
     no_cache: bool = NO_CACHE,
 ) -> None:
     """Polyglot neurons (above threshold in every language) and monolingual ones, per label."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
     res = q.polyglot(store, site, layer, threshold=threshold, by=by, sensitive_top=sensitive_top, zscore=zscore, **sel, **run)
     if fmt == OutputFormat.json:
         print_json(res.to_json())
@@ -227,12 +249,14 @@ def lape_command(
     fmt: OutputFormat = FORMAT_OPTION,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
+    token_kind: Optional[list[str]] = TOKEN_KIND,
+    skip_special: bool = SKIP_SPECIAL,
     no_cache: bool = NO_CACHE,
 ) -> None:
     """Language-specific neurons by activation-probability entropy (token rows, all layers)."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, None, True, lang, label, where, scheduler, workers, no_cache)
+    store, sel, run = common(stores, None, True, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
     sel.pop("rows")
     layer_list = parse_int_list(layers, "--layers") if layers else None
     res = q.lape(store, site, layer_list, filter_rate=filter_rate, top_rate=top_rate, **sel, **run)
@@ -268,12 +292,14 @@ def select_command(
     fmt: OutputFormat = FORMAT_OPTION,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
+    token_kind: Optional[list[str]] = TOKEN_KIND,
+    skip_special: bool = SKIP_SPECIAL,
     no_cache: bool = NO_CACHE,
 ) -> None:
     """Label-sensitive neurons by a selector: triples (layer, neuron, score) per group."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
     layer_list = parse_int_list(layer, "--layer") if layer else None
     res = q.select(store, site, layer_list, by=by, method=method, top=top, zscore=zscore, filter_rate=filter_rate, **sel, **run)
     if fmt == OutputFormat.json:
@@ -302,24 +328,38 @@ def top_examples_command(
     fmt: OutputFormat = FORMAT_OPTION,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
+    token_kind: Optional[list[str]] = TOKEN_KIND,
+    skip_special: bool = SKIP_SPECIAL,
 ) -> None:
     """The tokens (default when stored) or sentences (--pool) that activate one neuron most."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, False)
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, False, token_kind, skip_special)
     run.pop("cache")
     if sel["rows"] is None and store.meta["tokens"]:
         sel["rows"] = "tokens"
     examples = q.top_examples(store, site, layer, neuron, k=k, **sel, **run)
     layer_n = q.resolve_layer(store, site, layer)
-    cols = ["value", "lang", "label", "doc", "position", "token_id", "text"]
-    rows = [[e.value, e.lang, e.label, e.doc, e.position, e.token_id, e.text] for e in examples]
+    cols = ["value", "lang", "label", "doc", "position", "token_id", "kind", "token", "left", "right", "text"]
+    rows = [[e.value, e.lang, e.label, e.doc, e.position, e.token_id, e.kind, e.token, e.left, e.right, e.text] for e in examples]
     if fmt == OutputFormat.json:
         print_json({"site": site, "layer": layer_n, "neuron": neuron, "examples": [dict(zip(["row", *cols], [e.row, *r])) for e, r in zip(examples, rows)]})
     elif fmt == OutputFormat.csv:
         write_csv(cols, rows)
+    elif sel["rows"] == "tokens":  # the token in its sentence: left [token] right (escaped: rich would read [word] as markup)
+        from rich.markup import escape
+
+        kinds = sel["where"].get("token_kind")
+        print_table(
+            f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} tokens" + (f" (kinds {','.join(kinds)})" if kinds else ""),
+            ["rank", "value", "lang", "label", "doc", "position", "kind", "token", "context"],
+            [[i + 1, e.value, e.lang, e.label, e.doc, e.position, e.kind or "", escape(e.token) if e.token is not None else f"id {e.token_id}", escape(e.context())] for i, e in enumerate(examples)],
+        )
     else:
-        print_table(f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} rows", ["rank", *cols], [[i + 1, *["" if c is None else c for c in r]] for i, r in enumerate(rows)])
+        from rich.markup import escape
+
+        print_table(f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} sentences ({sel['rows'] or q.default_rows(store)})", ["rank", "value", "lang", "label", "doc", "text"],
+                    [[i + 1, e.value, e.lang, e.label, e.doc, escape(e.text)] for i, e in enumerate(examples)])
 
 
 @app.command("stats")
@@ -339,12 +379,14 @@ def stats_command(
     fmt: OutputFormat = FORMAT_OPTION,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
+    token_kind: Optional[list[str]] = TOKEN_KIND,
+    skip_special: bool = SKIP_SPECIAL,
     no_cache: bool = NO_CACHE,
 ) -> None:
     """The raw group table per (language, group) and neuron: count, mean, std, P(act>0), quantiles."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
     res = q.stats(store, site, layer, by=by, quantiles=quantiles, **sel, **run)
     picks = parse_int_list(neurons, "--neurons") if neurons else None
     width = res.mean.shape[-1]

@@ -30,20 +30,90 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[lis
     Texts are tokenised in full first so that truncation can be counted; only the long ones are
     tokenised again with truncation, which keeps the model's own end-of-sequence tokens.
     """
+    ids, truncated, _ = _encode(tokenizer, texts, max_length, details=False)
+    return ids, truncated
+
+
+@dataclass
+class TokenDetails:
+    """What extraction stores about every token row (the texts' tokens concatenated), so that a
+    query can filter and show tokens without loading the tokenizer."""
+
+    kind: np.ndarray  # int8 codes of store.TOKEN_KINDS
+    offsets: np.ndarray  # int32 [n_tokens, 2] character spans; -1 where the tokenizer has no offset mapping
+    special: dict[int, str]  # id -> string of the special tokens
+
+
+def tokenize_details(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray, TokenDetails]:
+    """:func:`tokenize`, and each token's kind and character span (one tokenizer call, not two).
+
+    A token is *special* when the tokenizer added it (its special-tokens mask: [CLS], [SEP], <s>
+    ...) or when it is one of the tokenizer's special tokens met in the text; the unknown token
+    stands for text and stays *text*. A fast tokenizer gives each token's span in its text; an
+    added special token has none, so it gets the empty span where it sits (the end of the tokens
+    before it). A slow tokenizer has no offset mapping: its offsets are -1.
+    """
+    return _encode(tokenizer, texts, max_length, details=True)
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int, details: bool) -> tuple[list[list[int]], np.ndarray, TokenDetails | None]:
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    extra = {"return_special_tokens_mask": True, "return_offsets_mapping": fast} if details else {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special_ids = [int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None and i != unk]
     ids: list[list[int]] = []
+    truncated: list[bool] = []
+    kinds: list[np.ndarray] = []
+    spans: list[np.ndarray] = []
+    found: set[int] = set()  # ids of the special-kind tokens met
     for lo in range(0, len(texts), TOKENIZE_CHUNK):
         batch = list(texts[lo : lo + TOKENIZE_CHUNK])
-        ids.extend(tokenizer(batch, add_special_tokens=True, truncation=False)["input_ids"])
-    truncated = np.array([len(x) > max_length for x in ids], dtype=bool)
-    long = np.flatnonzero(truncated)
-    if len(long):
-        redo = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length)
-        for i, row in zip(long, redo["input_ids"]):
-            ids[i] = row
-    for i, row in enumerate(ids):
-        if not row:
-            raise NeurostoreError(f"sentence {i}: the tokenizer produced no tokens for {texts[i][:40]!r}")
-    return ids, truncated
+        enc = {k: list(v) for k, v in tokenizer(batch, add_special_tokens=True, truncation=False, **extra).items()}
+        long = [j for j, row in enumerate(enc["input_ids"]) if len(row) > max_length]
+        if long:
+            redo = tokenizer([batch[j] for j in long], add_special_tokens=True, truncation=True, max_length=max_length, **extra)
+            for key in enc:
+                for j, row in zip(long, redo[key]):
+                    enc[key][j] = row
+        flags = np.zeros(len(batch), dtype=bool)
+        flags[long] = True
+        truncated.extend(flags.tolist())
+        for j, row in enumerate(enc["input_ids"]):
+            if not row:
+                raise NeurostoreError(f"sentence {lo + j}: the tokenizer produced no tokens for {batch[j][:40]!r}")
+        ids.extend(enc["input_ids"])
+        if details:
+            kind, span, seen = _details(enc, special_ids, fast)
+            kinds.append(kind)
+            spans.append(span)
+            found |= seen
+    if not details:
+        return ids, np.array(truncated, dtype=bool), None
+    kind = np.concatenate(kinds) if kinds else np.zeros(0, np.int8)
+    special = {i: str(tokenizer.convert_ids_to_tokens(i)) for i in sorted(found | set(special_ids))}
+    offsets = np.concatenate(spans) if spans else np.zeros((0, 2), np.int32)
+    return ids, np.array(truncated, dtype=bool), TokenDetails(kind, offsets, special)
+
+
+def _details(enc: dict, special_ids: list[int], fast: bool) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """Kinds (int8), spans (int32 [n, 2]) and the special ids met, of one tokenised chunk."""
+    lengths = np.array([len(row) for row in enc["input_ids"]], dtype=np.int64)
+    flat = np.fromiter((t for row in enc["input_ids"] for t in row), dtype=np.int64, count=int(lengths.sum()))
+    mask = np.fromiter((m for row in enc["special_tokens_mask"] for m in row), dtype=np.int8, count=len(flat))
+    kind = ((mask != 0) | np.isin(flat, special_ids)).astype(np.int8)  # 0 text, 1 special (store.TOKEN_KINDS)
+    seen = set(np.unique(flat[kind == 1]).tolist())
+    if not fast:
+        return kind, np.full((len(flat), 2), -1, np.int32), seen
+    span = np.array([pair for row in enc["offset_mapping"] for pair in row], dtype=np.int64).reshape(-1, 2)
+    # an added special token has no span: place it where it sits, after the text tokens before it
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    big = int(span[:, 1].max(initial=0)) + 1
+    upto = np.maximum.accumulate(seg * big + span[:, 1]) - seg * big  # largest end so far in the text
+    before = np.r_[0, upto[:-1]]
+    before[np.r_[0, np.cumsum(lengths)[:-1]][lengths > 0]] = 0
+    empty = (kind == 1) & (span[:, 0] == span[:, 1])
+    span[empty] = before[empty, None]
+    return kind, span.astype(np.int32), seen
 
 
 def default_batch_tokens(device: torch.device, bytes_per_token: int = 0) -> int:

@@ -341,7 +341,7 @@ def _extract(
     if opts.buffer_mb < 1:
         raise NeurostoreError(f"--buffer-mb {opts.buffer_mb}: must be at least 1")
 
-    ids, truncated = batching.tokenize(loaded.tokenizer, part.texts, opts.max_length)
+    ids, truncated, details = batching.tokenize_details(loaded.tokenizer, part.texts, opts.max_length)
     n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
     token_start = np.concatenate(([0], np.cumsum(n_tokens)[:-1])).astype(np.int64)
 
@@ -410,6 +410,9 @@ def _extract(
             truncated=truncated,
             token_ids=np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]),
             classes=loaded.classes,
+            token_kind=details.kind,
+            special_tokens=details.special,
+            offsets=details.offsets,
         )
         meta = st.read_meta(group)
     else:

@@ -9,12 +9,13 @@ workers plus a few partials (``groups x width`` floats each), whatever the size 
 Groups are the finest key ``(lang, by)``: every analysis (by label pooled over languages, per
 language, z-scored within language) derives from these without reading activations again.
 Rows whose ``by`` value is missing (-1) are left out; rows with a missing language form the
-language ``(missing)``. Filters drop rows before grouping.
+language ``(missing)``. Filters drop rows before grouping; a token-kind filter drops token rows by
+``tokens/kind`` (the runs of rows per group are then runs of kept token rows).
 
 Finalised statistics are cached inside the store under ``cache/<key>`` (one entry per layer; the key
-hashes site, layer, rows, grouping, filters and the committed counts of every part, so an entry
-stops matching as soon as extraction commits more rows). Read-only stores just recompute. Entries
-carry checksums; a damaged one is dropped with a warning and recomputed.
+hashes site, layer, rows, grouping, filters, token kinds and the committed counts of every part, so an
+entry stops matching as soon as extraction commits more rows). Read-only stores just recompute.
+Entries carry checksums; a damaged one is dropped with a warning and recomputed.
 
 Quantile sketch: a fixed 128-bin histogram over ``asinh(x)`` in ``[-8, 8]`` per group and neuron
 (bin width 0.125 in asinh space; values outside are clamped into the end bins), with linear
@@ -78,13 +79,15 @@ def _configure_zarr() -> None:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which rows and groups a pass reduces. ``rows`` is ``"tokens"`` or a pooling name."""
+    """Which rows and groups a pass reduces. ``rows`` is ``"tokens"`` or a pooling name;
+    ``token_kind``: the kinds of token rows kept (``store.TOKEN_KINDS`` names; None: every row)."""
 
     site: str
     layers: tuple[int, ...]
     rows: str = "mean"
     by: str | None = "label"
     filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    token_kind: tuple[str, ...] | None = None
 
     def with_layers(self, layers: Sequence[int]) -> "Selection":
         return replace(self, layers=tuple(int(x) for x in layers))
@@ -434,6 +437,8 @@ def compute(store: st.Store, sel: Selection, *, quantiles: bool = False, schedul
         else:
             starts = np.arange(n_docs, dtype=np.int64)
         seg_starts, seg_gids = _runs(starts, gids)
+        if tokens and sel.token_kind is not None:
+            seg_starts, seg_gids = _kind_runs(group, rows, seg_starts, seg_gids, sel.token_kind)
         src = ch.source(arr)
         for lo, hi in _task_rows(rows, *ch.step(src)):
             a, b = _runs_of(seg_starts, lo, hi)
@@ -486,6 +491,39 @@ def _runs(starts: np.ndarray, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     starts, gids = starts[keep], gids[keep]
     new = np.r_[True, gids[1:] != gids[:-1]]
     return np.ascontiguousarray(starts[new]), np.ascontiguousarray(gids[new].astype(np.int64))
+
+
+# Token rows per read of tokens/kind while the runs of kept rows are built (1 byte each).
+KIND_BLOCK = 1 << 22
+
+
+def kind_codes(group: Any, kinds: Sequence[str]) -> np.ndarray:
+    """The codes of ``kinds`` in one part's ``tokens/kind``."""
+    names = list(group["tokens/kind"].attrs.get("categories", st.TOKEN_KINDS))
+    return np.array([names.index(k) for k in kinds if k in names], dtype=np.int8)
+
+
+def _kind_runs(group: Any, rows: int, seg_starts: np.ndarray, seg_gids: np.ndarray, kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The run-length code of the sentences' groups (:func:`_runs`) refined to token rows: rows
+    whose kind is not in ``kinds`` get group -1 (left out). Reads ``tokens/kind`` in blocks; the
+    code grows with the changes of kind (about two per sentence for [CLS] ... [SEP]), never with
+    the rows."""
+    if rows == 0:
+        return seg_starts, seg_gids
+    arr, codes = group["tokens/kind"], kind_codes(group, kinds)
+    starts, gids = [], []
+    last = None
+    for lo in range(0, rows, KIND_BLOCK):
+        hi = min(rows, lo + KIND_BLOCK)
+        g = _row_groups(lo, hi, seg_starts, seg_gids)
+        g = np.where(np.isin(ch.read_zarr(arr, slice(lo, hi), lo, hi), codes), g, -1)
+        new = np.r_[True, g[1:] != g[:-1]]
+        if last is not None and g[0] == last:
+            new[0] = False
+        starts.append(lo + np.flatnonzero(new))
+        gids.append(g[new])
+        last = g[-1]
+    return np.concatenate(starts).astype(np.int64), np.concatenate(gids).astype(np.int64)
 
 
 def _run(finals: list, scheduler: Any, workers: int | None) -> list:
@@ -560,6 +598,8 @@ def cache_key(store: st.Store, sel: Selection, layer: int) -> tuple[str, dict]:
         "filters": sorted([c, sorted(v)] for c, v in sel.filters),
         "parts": [[m["corpus"].get("part"), m["corpus"].get("fingerprint")] for m in store.metas],
     }
+    if sel.token_kind is not None:  # absent for every row, so the keys of unfiltered passes stay as they were
+        slice_["token_kind"] = sorted(sel.token_kind)
     counts = [[m["committed_docs"], m["committed_tokens"]] for m in store.metas]
     full = dict(slice_, counts=counts)
     digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:20]
@@ -737,10 +777,13 @@ def _best(values: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return values[order], rows[order]
 
 
-def _top_task(arr: Any, lo: int, hi: int, li: int, neuron: int, store_dtype: str, keep: np.ndarray, doc_arr: Any, offset: int, k: int) -> tuple:
+def _top_task(arr: Any, lo: int, hi: int, li: int, neuron: int, store_dtype: str, keep: np.ndarray, doc_arr: Any, offset: int, k: int,
+              kind_arr: Any = None, codes: np.ndarray | None = None) -> tuple:
     _configure_zarr()
     x = st.decode(ch.read_zarr(arr, (slice(lo, hi), li, neuron), lo, hi), store_dtype).astype(np.float64)
     mask = keep if doc_arr is None else keep[ch.read_zarr(doc_arr, slice(lo, hi), lo, hi)]
+    if kind_arr is not None:
+        mask = mask & np.isin(ch.read_zarr(kind_arr, slice(lo, hi), lo, hi), codes)
     rows = np.arange(lo, hi, dtype=np.int64) + offset
     return _best(x[mask], rows[mask], k)
 
@@ -751,7 +794,8 @@ def _top_merge(parts: Sequence[tuple], k: int) -> tuple:
 
 def top_rows(store: st.Store, sel: Selection, neuron: int, k: int, keep_docs: np.ndarray, *, scheduler: Any = None, workers: int | None = None) -> list[tuple[int, float]]:
     """``[(row, value)]`` of the ``k`` highest activations of one neuron of ``sel.layers[0]`` over
-    the rows of kept sentences (row = global token or sentence index), highest first."""
+    the rows of kept sentences (row = global token or sentence index; token rows of the kinds in
+    ``sel.token_kind`` only), highest first."""
     from dask import delayed
 
     if k < 1:
@@ -766,15 +810,18 @@ def top_rows(store: st.Store, sel: Selection, neuron: int, k: int, keep_docs: np
         rows = meta["committed_tokens" if tokens else "committed_docs"]
         n_docs = meta["committed_docs"]
         arr_d = delayed(arr, name=f"nst-{token}-arr-{p}", traverse=False)
-        doc_d = None
+        doc_d = kind_d = codes = None
         if tokens:
             keep_d = delayed(np.ascontiguousarray(keep_docs[doc_shift:doc_shift + n_docs]), name=f"nst-{token}-keep-{p}", traverse=False)
             doc_d = delayed(group["tokens/doc"], name=f"nst-{token}-doc-{p}", traverse=False)
+            if sel.token_kind is not None:
+                kind_d = delayed(group["tokens/kind"], name=f"nst-{token}-kind-{p}", traverse=False)
+                codes = kind_codes(group, sel.token_kind)
         for lo in range(0, rows, arr.chunks[0]):
             hi = min(rows, lo + arr.chunks[0])
             keep = keep_d if tokens else keep_docs[doc_shift + lo:doc_shift + hi]
             parts.append(delayed(_top_task, pure=True)(
-                arr_d, lo, hi, li, neuron, store.store_dtype, keep, doc_d, row_shift, k,
+                arr_d, lo, hi, li, neuron, store.store_dtype, keep, doc_d, row_shift, k, kind_d, codes,
                 dask_key_name=f"nst-{token}-chunk-{p}-{lo}",
             ))
         doc_shift += n_docs

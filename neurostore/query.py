@@ -8,6 +8,8 @@ Every function takes the same selection keywords and runs (at most) one out-of-c
     rows      "tokens" or a pooling ("first" | "mean" | "last"); default "mean" when stored
     by        the grouping column ("label", "pred", any stored categorical)
     lang, label   lists of names to keep; where  {column: [names]} on any stored categorical
+    token_kind    token rows of these kinds only (text, special, audio), given as
+              ``where={"token_kind": [...]}`` (so every function takes it); None/absent = all rows
     zscore    standardise each neuron within each language first (default True)
     scheduler None (local threads), a ``distributed.Client`` or a scheduler address
     workers   local threads (default: CPU count)
@@ -27,7 +29,7 @@ from . import analysis as an
 from . import chunks as ch
 from . import moments as mo
 from .errors import NeurostoreError
-from .store import Store, _ranges
+from .store import TOKEN_KINDS, Store, _ranges
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,9 +75,12 @@ def resolve_layers(store: Store, site: str, layers: Sequence[int] | int | None) 
 def selection(
     store: Store, site: str, layers: Sequence[int] | int | None = None, *, rows: str | None = None,
     by: str | None = "label", lang: Sequence[str] | None = None, label: Sequence[str] | None = None,
-    where: dict[str, Sequence[str]] | None = None,
+    where: dict[str, Sequence[str]] | None = None, token_kind: Sequence[str] | None = None,
 ) -> mo.Selection:
-    """Check the options against the store and build a :class:`~neurostore.moments.Selection`."""
+    """Check the options against the store and build a :class:`~neurostore.moments.Selection`.
+
+    ``token_kind`` (or ``where["token_kind"]``, the way the query functions pass it on) keeps
+    token rows of these kinds only."""
     check_site(store, site)
     rows = rows or default_rows(store)
     if rows == "tokens":
@@ -84,6 +89,8 @@ def selection(
     elif rows not in store.meta["pool"]:
         stored = ", ".join(store.meta["pool"]) or "none"
         raise NeurostoreError(f"--pool {rows}: pooling not in the store (stored: {stored})")
+    where = dict(where or {})
+    kinds = token_kinds(store, rows, [*(token_kind or []), *(where.pop("token_kind", None) or [])])
     filters: dict[str, list[str]] = {}
     if lang:
         filters["lang"] = list(lang)
@@ -93,10 +100,34 @@ def selection(
         filters.setdefault(column, []).extend(values)
     sel = mo.Selection(
         site=site, layers=tuple(resolve_layers(store, site, layers)), rows=rows, by=by,
-        filters=tuple(sorted((c, tuple(sorted(set(v)))) for c, v in filters.items())),
+        filters=tuple(sorted((c, tuple(sorted(set(v)))) for c, v in filters.items())), token_kind=kinds,
     )
     mo.group_codes(store, sel)  # validates the grouping and filter columns now, with clear errors
     return sel
+
+
+def token_kinds(store: Store, rows: str, kinds: Sequence[str]) -> tuple[str, ...] | None:
+    """The token kinds kept (in ``TOKEN_KINDS`` order), checked against the rows and the store;
+    None where every row is kept (no filter: the default, and the same cache entries)."""
+    if not kinds:
+        return None
+    for kind in kinds:
+        if kind not in TOKEN_KINDS:
+            raise NeurostoreError(f"--token-kind {kind}: not a token kind (kinds: {', '.join(TOKEN_KINDS)})")
+    if rows != "tokens":
+        raise NeurostoreError(
+            f"--token-kind/--skip-special: they filter token rows, and these rows are pooled sentences (--pool {rows}); add --tokens or drop the option"
+        )
+    kept = tuple(k for k in TOKEN_KINDS if k in kinds)
+    if len(kept) == len(TOKEN_KINDS):
+        return None
+    for path, meta in zip(store.paths, store.metas):
+        if "token_kind" not in (meta.get("features") or []):
+            raise NeurostoreError(
+                f"{path}: the store does not record token kinds (tokens/kind; written by neurostore {meta.get('neurostore_version', '?')});"
+                " extract it again with this version to use --token-kind or --skip-special"
+            )
+    return kept
 
 
 def _moments(store: Store, sel: mo.Selection, quantiles: bool = False, **run: Any) -> mo.GroupMoments:
@@ -527,6 +558,10 @@ def select(
 # top examples
 
 
+# Characters of the sentence shown on each side of a token.
+CONTEXT_CHARS = 40
+
+
 @dataclass
 class Example:
     row: int
@@ -537,22 +572,34 @@ class Example:
     text: str
     position: int | None = None  # token position inside the sentence (token rows)
     token_id: int | None = None
+    kind: str | None = None  # text, special or audio (stores that record token kinds)
+    token: str | None = None  # the token as written in the sentence, or a special token's string
+    left: str | None = None  # up to CONTEXT_CHARS characters before the token ("…" where cut)
+    right: str | None = None  # likewise after it
+
+    def context(self) -> str:
+        """``left [token] right`` for a token whose place is known, else the sentence."""
+        if self.token is None or self.left is None:
+            return self.text
+        return f"{self.left}[{self.token}]{self.right}"
 
 
 def top_examples(
     store: Store, site: str = "resid", layer: int | None = None, neuron: int = 0, *, k: int = 20,
-    rows: str | None = None, lang=None, label=None, where=None,
+    rows: str | None = None, lang=None, label=None, where=None, token_kind: Sequence[str] | None = None,
     scheduler: Any = None, workers: int | None = None,
 ) -> list[Example]:
     """The ``k`` rows (tokens by default when stored, else sentences) where one neuron is highest,
-    with their sentence. Reads that neuron's layer once (one pass over its chunks)."""
+    with their sentence, and for tokens the token and its neighbours in the sentence (from the
+    character offsets stored at extraction: no tokenizer is loaded). Reads that neuron's layer
+    once (one pass over its chunks)."""
     layer = resolve_layer(store, site, layer)
     width = store.site(site)["width"]
     if not 0 <= neuron < width:
         raise NeurostoreError(f"--neuron {neuron}: site {site!r} has neurons 0-{width - 1}")
     if rows is None:
         rows = "tokens" if store.meta["tokens"] else default_rows(store)
-    sel = selection(store, site, layer, rows=rows, by=None, lang=lang, label=label, where=where)
+    sel = selection(store, site, layer, rows=rows, by=None, lang=lang, label=label, where=where, token_kind=token_kind)
     keep_docs = mo.group_codes(store, sel)[0] >= 0
     found = mo.top_rows(store, sel, neuron, k, keep_docs, scheduler=scheduler, workers=workers)
     label_codes, lang_codes = store.doc_column("label"), store.doc_column("lang")
@@ -560,18 +607,49 @@ def top_examples(
     starts = store.doc_column("token_start") if rows == "tokens" else None
     docs = [int(np.searchsorted(starts, row, side="right") - 1) if rows == "tokens" else int(row) for row, _ in found]
     texts = _pick_rows(store, "docs/text", "committed_docs", docs)  # only the k rows, never a whole column
-    token_ids = _pick_rows(store, "tokens/token_id", "committed_tokens", [row for row, _ in found]) if rows == "tokens" else None
     out = []
     for i, ((row, value), doc) in enumerate(zip(found, docs)):
-        pos = int(row - starts[doc]) if rows == "tokens" else None
-        tid = int(token_ids[i]) if rows == "tokens" else None
         out.append(Example(
             int(row), doc, float(value),
             langs[lang_codes[doc]] if lang_codes[doc] >= 0 else mo.MISSING,
             labels[label_codes[doc]] if label_codes[doc] >= 0 else mo.MISSING,
-            str(texts[i]), pos, tid,
+            str(texts[i]),
         ))
+    if rows == "tokens":
+        _place_tokens(store, out, [int(row - starts[doc]) for (row, _), doc in zip(found, docs)])
     return out
+
+
+def _place_tokens(store: Store, examples: list[Example], positions: list[int]) -> None:
+    """Fill position, token id, kind, token and context of token-row examples from the stored
+    token tables (kinds and offsets where the store records them)."""
+    rows = [e.row for e in examples]
+    ids = _pick_rows(store, "tokens/token_id", "committed_tokens", rows)
+    has = [set(m.get("features") or []) for m in store.metas]
+    kinds = _pick_rows(store, "tokens/kind", "committed_tokens", rows) if all("token_kind" in f for f in has) else None
+    spans = _pick_rows(store, "tokens/offsets", "committed_tokens", rows) if all("token_offsets" in f for f in has) else None
+    names, special = list(TOKEN_KINDS), {}
+    if kinds is not None:
+        attrs = store.groups[0]["tokens/kind"].attrs
+        names, special = list(attrs.get("categories", TOKEN_KINDS)), dict(attrs.get("special_tokens") or {})
+    for i, e in enumerate(examples):
+        e.position, e.token_id = positions[i], int(ids[i])
+        e.kind = names[int(kinds[i])] if kinds is not None else None
+        a, b = (int(x) for x in spans[i]) if spans is not None else (-1, -1)
+        if not 0 <= a <= b <= len(e.text):  # no offsets (a slow tokenizer, an older store): name specials only
+            e.token = special.get(str(e.token_id)) if e.kind == "special" else None
+            continue
+        if e.kind == "special" and a == b:
+            e.token = special.get(str(e.token_id), f"<special {e.token_id}>")
+        else:
+            piece = e.text[a:b]
+            if piece.strip():  # byte-level and sentencepiece tokens carry their leading space
+                a += len(piece) - len(piece.lstrip())
+                b -= len(piece) - len(piece.rstrip())
+            e.token = e.text[a:b]
+        lo, hi = max(0, a - CONTEXT_CHARS), min(len(e.text), b + CONTEXT_CHARS)
+        e.left = ("…" if lo > 0 else "") + e.text[lo:a].replace("\n", " ")
+        e.right = e.text[b:hi].replace("\n", " ") + ("…" if hi < len(e.text) else "")
 
 
 def _pick_rows(store: Store, name: str, rows_key: str, indices: Sequence[int]) -> list:

@@ -15,6 +15,11 @@ read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
     docs/pred        [n_docs] int32        argmax of logits; attrs["categories"] = id2label
     tokens/token_id  [n_tokens] int32
     tokens/doc       [n_tokens] int32 the sentence each token row belongs to
+    tokens/kind      [n_tokens] int8  TOKEN_KINDS code; attrs["categories"] = TOKEN_KINDS,
+                                    attrs["special_tokens"] = {token id: string} of the tokenizer
+    tokens/offsets   [n_tokens, 2] int32  character span [start, end) of the token in docs/text;
+                                    a special token the tokenizer added has the empty span where it
+                                    sits (end of the token before it); -1 where the tokenizer gives none
     acts/{site}      [n_tokens, n_layers, width]   absent with --no-tokens
     pooled/{site}/{first|mean|last} [n_docs, n_layers, width]
 
@@ -60,12 +65,16 @@ ATTR = "neurostore"
 # and a store lacking one opens as before (``info`` lists what it lacks).
 #   plan_v2     batches planned by batching.PLAN_VERSION 2 (resume keeps a store's own plan)
 #   checksums   a CRC32C after every chunk of every array (activations, tables, cache)
-FEATURES = ("plan_v2", "checksums")
+#   token_kind  tokens/kind: which token rows are text, special tokens of the tokenizer, or audio
+#   token_offsets  tokens/offsets: each token's character span in docs/text (top-examples shows it)
+FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets")
 # The one layout before features were listed: a store with this and no "features" has none of them.
 SCHEMA_VERSION = 1
 SITES = ("resid", "mlp")
 POOLS = ("first", "mean", "last")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+# Codes of tokens/kind: a text token, a special token of the tokenizer ([CLS], </s>, ...), an audio frame.
+TOKEN_KINDS = ("text", "special", "audio")
 
 # One (rows, 1, width) chunk: big enough to compress well, small enough to stream.
 CHUNK_BYTES = int(os.environ.get("NEUROSTORE_CHUNK_BYTES", 4 << 20))
@@ -314,12 +323,17 @@ def create(
     token_ids: np.ndarray,
     classes: list[str] | None,
     storage_options: dict | None = None,
+    token_kind: np.ndarray | None = None,
+    special_tokens: dict[int, str] | None = None,
+    offsets: np.ndarray | None = None,
 ) -> zarr.Group:
     """Write everything known before the first forward pass, then mark the store created.
 
     The per-sentence and per-token tables are complete from the start; only activations (and a
     classifier's logits) fill in as extraction goes. ``created`` is set last, so a store killed
-    while being created is recognised and started over, never resumed.
+    while being created is recognised and started over, never resumed. ``token_kind`` (TOKEN_KINDS
+    codes, with the tokenizer's ``special_tokens``) and ``offsets`` (``[n_tokens, 2]``) are written
+    when given; a store made without them does not list their feature.
     """
     group = fresh_group(zarr_store(url, storage_options) if isinstance(url, str) else url)
     n_docs = len(texts)
@@ -347,6 +361,20 @@ def create(
         text[:] = np.array(texts, dtype=object)
     table("tokens/token_id", token_ids.astype(np.int32), "int32")
     table("tokens/doc", np.repeat(np.arange(n_docs, dtype=np.int32), n_tokens), "int32")
+    features = list(meta.get("features", []))
+    if token_kind is not None:
+        specials = {str(int(k)): str(v) for k, v in sorted((special_tokens or {}).items())}
+        table("tokens/kind", np.asarray(token_kind, dtype=np.int8), "int8", {"categories": list(TOKEN_KINDS), "special_tokens": specials})
+    elif "token_kind" in features:
+        features.remove("token_kind")
+    if offsets is not None:
+        spans = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
+        arr = group.create_array("tokens/offsets", shape=spans.shape, chunks=(max(1, min(len(spans), 1 << 19)), 2), dtype="int32", fill_value=-1,
+                                 compressors=table_codecs(crc))
+        if len(spans):
+            arr[:] = spans
+    elif "token_offsets" in features:
+        features.remove("token_offsets")
 
     store_dtype = meta["store_dtype"]
     dtype = numpy_store_dtype(store_dtype)
@@ -374,6 +402,8 @@ def create(
         pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1, compressors=table_codecs(crc))
         pred.attrs.update({"categories": classes})
     meta = dict(meta, created=True, n_tokens=total)
+    if "features" in meta:
+        meta["features"] = features
     group.attrs.update({ATTR: meta})
     return group
 
@@ -702,7 +732,7 @@ def summary(store: Store) -> dict:
         "plan": meta.get("plan", 1),
         "nonfinite": _sum_counts(m.get("nonfinite", {}) for m in store.metas),
         "real_token_share": _real_share(store.metas),
-        "features": sorted(set().union(*(m.get("features", []) for m in store.metas))),
+        "features": [f for f in FEATURES if not any(f in missing_features(m) for m in store.metas)],
         "lacks": sorted(set().union(*(missing_features(m) for m in store.metas))),
         "options": meta["options"],
         # where labels and languages came from (None: none found); unusable rows --skip-bad left out

@@ -31,6 +31,7 @@ class Synth:
     acts: dict = field(default_factory=dict)  # site -> [n_tokens, n_layers, width] float32 (decoded)
     pooled: dict = field(default_factory=dict)  # (site, pool) -> [n_docs, n_layers, width]
     texts: list = field(default_factory=list)
+    kind: np.ndarray | None = None  # [n_tokens] store.TOKEN_KINDS codes (None: the store records none)
 
 
 def _values(rng: np.random.Generator, n: int, n_layers: int, width: int, group: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -65,9 +66,12 @@ def make_store(
     keep: bool = True,
     block_docs: int = 4096,
     max_tokens: int = 6,
+    token_kinds: bool = True,
 ) -> Synth:
     """Create a random store at ``path``. Activations are written ``block_docs`` sentences at a time,
-    so large stores never sit in memory (pass ``keep=False`` to not keep them for comparison)."""
+    so large stores never sit in memory (pass ``keep=False`` to not keep them for comparison).
+    With ``token_kinds`` a sentence's first token is special ([CLS]), and its last too where it has
+    three tokens or more ([SEP]); no character offsets are stored."""
     rng = np.random.default_rng(seed)
     sites = sites or {"resid": {"layers": [0, 1, 2], "width": 8}, "mlp": {"layers": [0, 1, 2], "width": 12}}
     # unequal group sizes: skewed label and language probabilities
@@ -84,6 +88,13 @@ def make_store(
     doc_of = np.repeat(np.arange(n_docs, dtype=np.int32), n_tok)
     texts = [f"sentence {i} {LABELS[label[i]] if label[i] >= 0 else '?'} {LANGS[lang[i]]}" for i in range(n_docs)]
     token_ids = rng.integers(0, 1000, size=total).astype(np.int32)
+    kind = None
+    if token_kinds:
+        first = np.concatenate([[0], np.cumsum(n_tok)[:-1]]).astype(np.int64)
+        last = (first + n_tok - 1)[n_tok >= 3]
+        kind = np.zeros(total, np.int8)
+        kind[first], kind[last] = 1, 1
+        token_ids[first], token_ids[last] = 1001, 1002
 
     corpus = {"fingerprint": fingerprint}
     if part is not None:
@@ -108,10 +119,11 @@ def make_store(
         group = st.create(
             path, meta, texts=texts, label=(LABELS, label), lang=(LANGS, lang), n_tokens=n_tok,
             truncated=np.zeros(n_docs, bool), token_ids=token_ids, classes=None,
+            token_kind=kind, special_tokens={1001: "[CLS]", 1002: "[SEP]"},
         )
     finally:
         st.CHUNK_BYTES, st.SHARD_BYTES = old
-    synth = Synth(path, sites, LABELS, LANGS, label, lang, n_tok, doc_of, texts=texts)
+    synth = Synth(path, sites, LABELS, LANGS, label, lang, n_tok, doc_of, texts=texts, kind=kind)
     np_dtype = np.float32 if store_dtype == "bfloat16" else np.dtype(store_dtype)
     token_start = np.concatenate([[0], np.cumsum(n_tok)]).astype(np.int64)
     for site, spec in sites.items():

@@ -31,7 +31,10 @@ def test_an_old_store_opens_queries_and_says_what_it_lacks(old_store):
     assert "checksums" in st.missing_features(store.meta)
     res = runner.invoke(app, ["info", str(old_store), "--verify"])
     assert res.exit_code == 0, res.output
-    assert "lacks" in res.output and "checksums" in res.output and "written by an older neurostore" in res.output
+    assert "(lacks checksums" in res.output and "verify: every committed row is readable" in res.output
+    res = runner.invoke(app, ["info", str(old_store), "--format", "json"])
+    info = json.loads(res.stdout)
+    assert "checksums" in info["lacks"] and "token_kind" in info["lacks"] and info["features"] == ["plan_v2"]
     res = runner.invoke(app, ["query", "variance", str(old_store), "--format", "json"])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)["top"]) == 20
