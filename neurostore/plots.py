@@ -59,10 +59,11 @@ def _label_points(ax: Any, points: list[tuple[float, float, str]], color: str) -
     for x, y, text in points:
         for dx, dy in _SPOTS:
             ha = "center" if dx == 0 else "left" if dx > 0 else "right"
-            far = dy > 6  # a label away from its point gets a thin line to it
+            moved = (dx, dy) != _SPOTS[0]  # a label moved off its point gets a thin line to it
             t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va="bottom",
                             fontsize=7, color=color, annotation_clip=False,
-                            arrowprops=dict(arrowstyle="-", lw=0.4, color=color, shrinkA=0, shrinkB=3) if far else None)
+                            bbox=dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.75),
+                            arrowprops=dict(arrowstyle="-", lw=0.4, color=color, shrinkA=0, shrinkB=3) if moved else None)
             t.update_positions(renderer)
             box = matplotlib.text.Text.get_window_extent(t, renderer).padded(1)  # the text, not its line
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
@@ -103,10 +104,12 @@ def variance_figure(res: Any) -> Any:
         ax.set_ylabel(ylabel, fontsize=8)
         ax.margins(y=0.18)
         ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("neuron")
+    for i, ax in enumerate(axes.ravel()):
+        if i >= len(panels):
+            ax.set_visible(False)
+        if i >= len(panels) - cols and i < len(panels):  # the lowest panel of its column
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("neuron")
     axes.ravel()[0].legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.1)
     kind = {"within": f"within each {res.by}", "per": f"over {res.by} means, per language", "by": f"over {res.by} means"}[res.mode]
     _title(fig, f"Per-neuron variance {kind}", res)

@@ -448,16 +448,20 @@ def variance(
     prov = provenance(store, sel, "variance", notes, mode=mode, per=per, zscore=zscore, top=top)
     if within:
         if per == "lang":
-            rows_, names = [], []
-            for li, lg in enumerate(mom.langs):
-                for ei, g in enumerate(mom.groups):
-                    if n[li, ei] > 0:
-                        rows_.append(an.within_variance(n[li, ei], m2[li, ei]))
-                        names.append(f"{lg}/{g}")
-            var = np.stack(rows_)
+            cells = [(f"{lg}/{g}", n[li, ei], m2[li, ei]) for li, lg in enumerate(mom.langs) for ei, g in enumerate(mom.groups)]
         else:
             n_e, _, m2_e = an.combine(n, mean, m2, axis=0)
-            var, names = an.within_variance(n_e, m2_e)[group_ok], [g for g, ok in zip(mom.groups, group_ok) if ok]
+            cells = list(zip(mom.groups, n_e, m2_e))
+        # a group of one row has variance 0 for every neuron: its "top" would be neuron order
+        single = [name for name, count, _ in cells if count == 1]
+        if single:
+            note = f"left out {', '.join(single)}: one row only, no spread to measure"
+            if all(count < 2 for _, count, _ in cells):
+                raise NeurostoreError(f"{what}: every {_one(by)} has fewer than 2 rows: keep more rows (widen --lang/--label/--where)")
+            warnings.warn(note, stacklevel=2)
+            prov["notes"].append(note)
+        kept = [(name, an.within_variance(count, ss)) for name, count, ss in cells if count >= 2]
+        var, names = np.stack([v for _, v in kept]), [name for name, _ in kept]
         tops = [an.top_k(v, top) for v in var]
         return VarianceResult(site, layer, by, "within", zscore, var, None, tops, names, prov)
     if per == "lang":
@@ -675,9 +679,16 @@ def lape(
     """Language-specific neurons by LAPE (token rows, all stored layers of ``site`` by default).
     Refused: fewer than 2 languages with rows (the entropy over one language is 0 for every neuron)."""
     sel = selection(store, site, layers, rows=rows, by=None, lang=lang, label=label, where=where)
+    if not 0 < filter_rate <= 1:
+        raise NeurostoreError(f"--filter-rate {filter_rate}: expected a share in (0, 1]")
+    if not 0 < top_rate <= 1:
+        raise NeurostoreError(f"--top-rate {top_rate}: expected a share in (0, 1]")
     _require_column(store, "lang", "lape")
     need = dict(what="lape", by=None, min_langs=2)
     _check(store, sel, **need)
+    neurons = len(sel.layers) * store.site(site)["width"]
+    if round(top_rate * neurons) < 1:  # an empty result, whatever the data
+        raise NeurostoreError(f"--top-rate {top_rate}: keeps 0 of the {neurons} neurons (round(rate x neurons)); use at least {1 / neurons:.2g}")
     mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
     have, _, notes = _check(store, sel, mom, **need)
     names = [l for l, h in zip(mom.langs, have) if h]
@@ -749,7 +760,8 @@ def select(
     names = mom.langs if by == "lang" else mom.groups
     picked = an.select(method, n_g, pos_g, mean_g, top, filter_rate)
     out = {g: [(mom.layers[a], b, c) for a, b, c in picked[i]] for i, g in enumerate(names) if n_g[i] > 0}
-    prov = provenance(store, sel, "select", notes, by=by, method=method, top=top, zscore=zscore, filter_rate=filter_rate)
+    # zscore as applied: only magnitude reads z, the other selectors P(x > 0) of the raw activations
+    prov = provenance(store, sel, "select", notes, by=by, method=method, top=top, zscore=z, filter_rate=filter_rate)
     return Selected(site, list(mom.layers), by, method, out, prov)
 
 

@@ -87,7 +87,7 @@ def test_csv_and_tables(synth):
     # fear has rows in en only here: left out with one warning (nothing to correlate), 3 labels + the mean
     assert rows[0] == ["group", "a", "b", "spearman"] and len(rows) == 1 + 4 * 9
     assert res.stderr.strip().splitlines() == ["warning: left out label fear: rows in one language only, nothing to compare"]
-    for cmd in (["variance", p], ["correlate", p], ["polyglot", p], ["lape", p], ["select", p],
+    for cmd in (["variance", p], ["correlate", p], ["polyglot", p], ["lape", p, "--top-rate", "0.1"], ["select", p],
                 ["top-examples", p, "--neuron", "2", "--k", "3"], ["stats", p]):
         out = run(*cmd).stdout
         assert "┃" in out, cmd  # a rich table

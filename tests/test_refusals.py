@@ -48,7 +48,12 @@ def stores(tmp_path_factory):
     # every language has rows of one label only (label = language): nothing varies inside a language
     confounded = make_store(str(root / "conf.zarr"), n_docs=40, seed=8, missing_label=False)
     _recode(confounded.path, "label", confounded.lang.astype(np.int32))
-    return {"s": s.path, "nolabel": nolabel.path, "nolang": nolang.path, "conf": confounded.path, "synth": s}
+    # fear has exactly one row (sentence 0)
+    single = make_store(str(root / "single.zarr"), n_docs=40, seed=9, missing_label=False)
+    codes = np.where(single.label == 3, 0, single.label).astype(np.int32)
+    codes[0] = 3
+    _recode(single.path, "label", codes)
+    return {"s": s.path, "nolabel": nolabel.path, "nolang": nolang.path, "conf": confounded.path, "single": single.path, "synth": s}
 
 
 def one_line_error(res) -> str:
@@ -86,6 +91,7 @@ REFUSALS = [
     (["polyglot", "{s}", "--sensitive-top", "0"], "--sensitive-top 0"),
     (["top-examples", "{s}", "--neuron", "1", "--k", "0"], "--k 0"),
     (["select", "{s}", "--method", "entropy", "--filter-rate", "0"], "--filter-rate 0"),
+    (["lape", "{s}", "--top-rate", "0.001"], "--top-rate 0.001: keeps 0 of the 36 neurons"),
     # no rows at all
     (["variance", "{s}", "--label", "fear", "--lang", "es"], "no rows selected (widen --lang/--label/--where)"),
     # a store without labels / languages
@@ -158,6 +164,18 @@ def test_left_out_language_is_one_warning_and_matches_a_reference(stores):
     per = runner.invoke(app, ["variance", s.path, "--label", "joy,fear", "--per", "lang", "--no-zscore", "--format", "json"])
     assert per.exit_code == 0 and len(per.stderr.strip().splitlines()) == 1 and "nothing varies over labels" in per.stderr
     assert json.loads(per.stdout)["groups"] == ["en"]
+
+
+def test_a_group_of_one_row_is_left_out_of_within_variances(stores):
+    """Its variance is 0 for every neuron, so its "top" would be neuron order."""
+    for extra in ([], ["--per", "lang"]):
+        res = runner.invoke(app, ["variance", stores["single"], "--within", "label", "--no-zscore", *extra, "--format", "json"])
+        assert res.exit_code == 0, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("warning: left out ") and lines[0].endswith(": one row only, no spread to measure"), res.stderr
+        assert "fear" in lines[0]
+        groups = json.loads(res.stdout)["groups"]
+        assert groups and not any(g.endswith("fear") for g in groups)
 
 
 def test_empty_groups_are_not_rows_of_nan(stores):
