@@ -20,7 +20,7 @@ from cli.extract import SAMPLE_CORPUS
 def demo_command(
     out_dir: Path = typer.Option(Path("neurostore-demo"), "--out-dir", help="Folder for the store and the figures."),
     corpus: Path = typer.Option(SAMPLE_CORPUS, "--corpus", help="Labelled multilingual corpus (text, label, lang)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub name. [default: the packaged all-MiniLM-L6-v2]", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub name.", show_default="the packaged all-MiniLM-L6-v2"),
     pool: str = typer.Option("mean", "--pool", help="Sentence vectors the analysis reads: first or mean."),
     threshold: float = typer.Option(0.5, "--threshold", help="Polyglot threshold on mean z-scored activations."),
     top: int = typer.Option(10, "--top", help="Neurons listed in the variance table."),
