@@ -20,7 +20,7 @@ from cli.extract import SAMPLE_CORPUS
 def demo_command(
     out_dir: Path = typer.Option(Path("neurostore-demo"), "--out-dir", help="Folder for the store and the figures."),
     corpus: Path = typer.Option(SAMPLE_CORPUS, "--corpus", help="Labelled multilingual corpus (text, label, lang)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub name. [default: the packaged all-MiniLM-L6-v2]", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub name.", show_default="the packaged all-MiniLM-L6-v2"),
     pool: str = typer.Option("mean", "--pool", help="Sentence vectors the analysis reads: first or mean."),
     threshold: float = typer.Option(0.5, "--threshold", help="Polyglot threshold on mean z-scored activations."),
     top: int = typer.Option(10, "--top", help="Neurons listed in the variance table."),
@@ -43,8 +43,8 @@ def demo_command(
     layer = store.sites["resid"]["layers"][-1]
     console.print(f"\n[bold]2. analysis[/]: site resid, layer {layer}, pooled '{pool}' sentence vectors, z-scored within language")
 
-    var = q.variance(store, "resid", layer, by="label", top=top, rows=pool)
-    print_table(f"top {top} label-variance neurons (variance of label means of z; ANOVA F)", ["neuron", "variance", "F"],
+    var = q.variance(store, "resid", layer, by="label", top=top, rows=pool)  # the figure draws this same result
+    print_table(f"top {top} label-variance neurons (variance of label means of z; ANOVA F); the variance figure marks them", ["neuron", "variance", "F"],
                 [(n, v, float(var.f[n])) for n, v in var.top])
     corr = q.correlate(store, "resid", layer, by="label", method="spearman", rows=pool)
     print_table("cross-lingual Spearman correlation of label profiles, mean over labels", ["", *corr.across],
@@ -52,17 +52,16 @@ def demo_command(
     poly = q.polyglot(store, "resid", layer, threshold=threshold, by="label", sensitive_top=50, rows=pool)
     counts = poly.counts()
     print_table(f"polyglot / monolingual neurons (M > {threshold})", ["label", "polyglot", *poly.langs, "share polyglot among top-50 variance"],
-                [(g, counts[g]["polyglot"], *(counts[g][l] for l in poly.langs), poly.shares[g]["polyglot"]) for g in poly.groups])
+                [(g, counts[g]["polyglot"], *(counts[g].get(l, "-") for l in poly.langs), poly.shares[g]["polyglot"]) for g in poly.groups])
     lape = q.lape(store, "mlp")
     print_table("LAPE language-specific MLP neurons (token rows, all layers)", ["lang", "neurons", "per layer"],
                 [(l, len(v), " ".join(map(str, lape.per_layer()[l]))) for l, v in lape.neurons.items()])
 
     console.print("\n[bold]3. figures[/]")
-    within = q.variance(store, "resid", layer, by="label", within=True, top=top, rows=pool)
     means = q.group_means(store, "resid", layer, by="label", rows=pool)
     label = "joy" if "joy" in means.groups else means.groups[0]
     written = [
-        plots.save(plots.variance_figure(within), figures / f"variance-resid-L{layer}.png"),
+        plots.save(plots.variance_figure(var), figures / f"variance-resid-L{layer}.png"),
         plots.save(plots.correlation_figure(corr), figures / f"correlate-resid-L{layer}.png"),
         plots.save(plots.means_figure(means, label, means.top_neurons(label, top)), figures / f"means-{label}-resid-L{layer}.png"),
         plots.save(plots.polyglot_figure(poly), figures / f"polyglot-resid-L{layer}.png"),

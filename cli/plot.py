@@ -13,16 +13,16 @@ from typing import Any, Optional
 import typer
 
 from cli.common import console, fail, handle_errors, parse_int_list
-from cli.query import BY, LABEL, LANG, LAYER, NO_CACHE, POOL, SCHEDULER, SITE, STORES, TOKENS, WHERE, WORKERS, ZSCORE, common
+from cli.query import ALL_LAYERS, BY, LABEL, LANG, LAYER, NO_CACHE, PER, POOL, SCHEDULER, SITE, STORES, TOKENS, WHERE, WITHIN, WORKERS, ZSCORE, common
 
 app = typer.Typer(
     help="Figures for papers: per-neuron variance, correlation heatmaps, mean z per language, polyglot counts, LAPE per layer.",
     no_args_is_help=True,
 )
 
-OUT = typer.Option(None, "--out", help="Figure file: .png (300 dpi), .pdf or .svg.", show_default=False)
-OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the figure; the name is made from command, site and layer.", show_default=False)
-PDF = typer.Option(False, "--pdf", help="With --out-dir: write PDF instead of PNG.")
+OUT = typer.Option(None, "--out", help="Figure file: .png (300 dpi), .pdf or .svg.", show_default="none: give --out or --out-dir")
+OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the figure; the name is made from command, site and layer.", show_default="none: give --out or --out-dir")
+PDF = typer.Option(False, "--pdf", help="With --out-dir: write PDF instead of PNG.", show_default="off: PNG")
 
 
 def _target(out: Optional[Path], out_dir: Optional[Path], pdf: bool, name: str) -> Path:
@@ -49,8 +49,8 @@ def variance_plot(
     site: str = SITE,
     layer: Optional[int] = LAYER,
     by: str = BY,
-    pooled: bool = typer.Option(False, "--over-means", help="One panel: the variance over label means (default: one panel per label, variance within it)."),
-    per_lang: bool = typer.Option(False, "--per-lang", help="One panel per language: the variance over label means there."),
+    per: Optional[str] = PER,
+    within: Optional[str] = WITHIN,
     top: int = typer.Option(10, "--top", help="Neurons to mark per panel."),
     zscore: bool = ZSCORE,
     pool: Optional[str] = POOL,
@@ -64,13 +64,18 @@ def variance_plot(
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     no_cache: bool = NO_CACHE,
+    over_means: bool = typer.Option(False, "--over-means", hidden=True, help="Kept for old scripts: the variance over label means is the default."),
+    per_lang: bool = typer.Option(False, "--per-lang", hidden=True, help="Kept for old scripts: the same as --per lang."),
 ) -> None:
-    """Per-neuron variance along the layer, one panel per label, top neurons marked."""
+    """Per-neuron variance over label means along the layer (the statistic of `query variance`, the
+    same options and defaults), top neurons marked; --per lang: a panel per language; --within
+    label: a panel per label."""
     from neurostore import plots
     from neurostore import query as q
 
     store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
-    res = q.variance(store, site, layer, by=by, per="lang" if per_lang else None, within=not (pooled or per_lang), zscore=zscore, top=top, **sel, **run)
+    per = "lang" if per_lang else per
+    res = q.variance(store, site, layer, by=within or by, per=per, within=within is not None, zscore=zscore, top=top, **sel, **run)
     _save(plots.variance_figure(res), _target(out, out_dir, pdf, f"variance-{site}-L{res.layer}"))
 
 
@@ -170,7 +175,7 @@ def polyglot_plot(
 def lape_plot(
     stores: list[str] = STORES,
     site: str = typer.Option("mlp", "--site", help="Activation site (LAPE is defined on MLP neurons)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7. [default: all stored]", show_default=False),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7.", show_default=ALL_LAYERS),
     filter_rate: float = typer.Option(0.95, "--filter-rate", help="Quantile of all activation probabilities used as threshold t."),
     top_rate: float = typer.Option(0.01, "--top-rate", help="Share of all neurons kept (lowest entropy)."),
     lang: Optional[list[str]] = LANG,

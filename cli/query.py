@@ -23,19 +23,24 @@ app = typer.Typer(
 
 STORES = typer.Argument(..., help="The store, or several --part stores of one extraction read as one.", show_default=False)
 SITE = typer.Option("resid", "--site", help="Activation site: resid or mlp (whatever the store holds).")
-LAYER = typer.Option(None, "--layer", help="Model layer number; negative counts back from the last. [default: last stored layer]", show_default=False)
-POOL = typer.Option(None, "--pool", help="Sentence rows from this pooling: first, mean or last. [default: mean when stored]", show_default=False)
-TOKENS = typer.Option(False, "--tokens", help="Token rows instead of sentences (each token takes its sentence's label and language).")
-LANG = typer.Option(None, "--lang", help="Keep these languages only (comma-separated or repeated).", show_default=False)
-LABEL = typer.Option(None, "--label", help="Keep these labels only (comma-separated or repeated).", show_default=False)
-WHERE = typer.Option(None, "--where", help="Keep rows where a stored categorical has these values: COLUMN=V1,V2 (repeatable).", show_default=False)
+# Every option shows its default in --help; a computed one says how it is computed (show_default as
+# text: a "[default: ...]" inside the help string would be eaten as rich markup).
+LAYER = typer.Option(None, "--layer", help="Model layer number; negative counts back from the last.", show_default="last stored layer")
+POOL = typer.Option(None, "--pool", help="Sentence rows from this pooling: first, mean or last.", show_default="mean when stored")
+TOKENS = typer.Option(False, "--tokens", help="Token rows instead of sentences (each token takes its sentence's label and language).", show_default="off: sentence rows")
+LANG = typer.Option(None, "--lang", help="Keep these languages only (comma-separated or repeated).", show_default="all")
+LABEL = typer.Option(None, "--label", help="Keep these labels only (comma-separated or repeated).", show_default="all")
+WHERE = typer.Option(None, "--where", help="Keep rows where a stored categorical has these values: COLUMN=V1,V2 (repeatable).", show_default="no filter")
 BY = typer.Option("label", "--by", help="Grouping column: label, or any stored categorical (pred ...).")
 ZSCORE = typer.Option(True, "--zscore/--no-zscore", help="Standardise each neuron within each language first.")
-SCHEDULER = typer.Option(None, "--scheduler", help="Run the pass on this Dask distributed scheduler (tcp://host:8786). [default: local threads]", show_default=False)
-WORKERS = typer.Option(None, "--workers", help="Local threads for the pass. [default: CPU count]", show_default=False)
-NO_CACHE = typer.Option(False, "--no-cache", help="Neither read nor write the statistics cache in the store.")
-TOKEN_KIND = typer.Option(None, "--token-kind", help="Keep token rows of these kinds only: text, special, audio (comma-separated or repeated; token rows only). [default: all]", show_default=False)
-SKIP_SPECIAL = typer.Option(False, "--skip-special", help="Leave out the tokenizer's special tokens ([CLS], [SEP], <s> ...): --token-kind with every kind but special.")
+SCHEDULER = typer.Option(None, "--scheduler", help="Run the pass on this Dask distributed scheduler (tcp://host:8786).", show_default="local threads")
+WORKERS = typer.Option(None, "--workers", help="Local threads for the pass.", show_default="CPU count")
+NO_CACHE = typer.Option(False, "--no-cache", help="Neither read nor write the statistics cache in the store.", show_default="off: cache used")
+PER = typer.Option(None, "--per", help="Give the variance per language (--per lang).", show_default="pooled over languages")
+WITHIN = typer.Option(None, "--within", help="Per group of this column, the variance of z over the group's rows (--within label).", show_default="off: variance over group means")
+ALL_LAYERS = "all stored"
+TOKEN_KIND = typer.Option(None, "--token-kind", help="Keep token rows of these kinds only: text, special, audio (comma-separated or repeated; token rows only).", show_default="all kinds")
+SKIP_SPECIAL = typer.Option(False, "--skip-special", help="Leave out the tokenizer's special tokens ([CLS], [SEP], <s> ...): --token-kind with every kind but special.", show_default="off: special tokens counted")
 
 
 def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
@@ -91,6 +96,13 @@ def common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cach
     return store, sel, run
 
 
+def title(res: Any, what: str) -> str:
+    """A table title: the rows behind the numbers (site, layer, pooling, filters, z-scoring), then what they are."""
+    from neurostore.provenance import describe
+
+    return f"{describe(res.provenance)}: {what}"
+
+
 def _fmt(value: Any) -> Any:
     if value is None:
         return "nan"
@@ -104,8 +116,8 @@ def variance_command(
     site: str = SITE,
     layer: Optional[int] = LAYER,
     by: str = BY,
-    per: Optional[str] = typer.Option(None, "--per", help="Give the variance per language (--per lang).", show_default=False),
-    within: Optional[str] = typer.Option(None, "--within", help="Per group of this column, the variance of z over the group's rows (--within label).", show_default=False),
+    per: Optional[str] = PER,
+    within: Optional[str] = WITHIN,
     top: int = typer.Option(20, "--top", help="Rank the K neurons with the highest variance."),
     zscore: bool = ZSCORE,
     pool: Optional[str] = POOL,
@@ -133,7 +145,7 @@ def variance_command(
             write_csv(["neuron", "variance", "f"], [[d, res.variance[d], res.f[d]] for d in range(len(res.variance))])
             return
         print_table(
-            f"{site} layer {res.layer}: top {len(res.top)} neurons by variance over {by} means ({'z' if zscore else 'raw'})",
+            title(res, f"top {len(res.top)} neurons by variance over {by} means, ANOVA F"),
             ["rank", "neuron", "variance", "F"], [[i + 1, n, v, float(res.f[n])] for i, (n, v) in enumerate(res.top)],
         )
         return
@@ -144,12 +156,12 @@ def variance_command(
                 rows.append([name, d, res.variance[g, d], None if res.f is None else res.f[g, d]])
         write_csv(["group", "neuron", "variance", "f"], rows)
         return
-    what = f"variance of z within each {within}" if within else f"variance over {by} means per language"
+    what = f"variance within each {within}" if within else f"variance over {by} means per language, ANOVA F"
     rows = []
     for g, name in enumerate(res.groups):
         for i, (n, v) in enumerate(res.top[g]):
             rows.append([name, i + 1, n, v] + ([] if res.f is None else [float(res.f[g, n])]))
-    print_table(f"{site} layer {res.layer}: top neurons, {what}", ["group", "rank", "neuron", "variance"] + ([] if res.f is None else ["F"]), rows)
+    print_table(title(res, f"top {top} neurons, {what}"), ["group", "rank", "neuron", "variance"] + ([] if res.f is None else ["F"]), rows)
 
 
 @app.command("correlate")
@@ -187,7 +199,7 @@ def correlate_command(
         write_csv(["group", "a", "b", method], [[g, a, b, m[i, j]] for g, m in named for i, a in enumerate(res.across) for j, b in enumerate(res.across)])
         return
     for g, m in named:
-        print_table(f"{site} layer {res.layer}, {by} {g}: {method} across {across}", [across, *res.across],
+        print_table(title(res, f"{method} across {across}, {by} {g}"), [across, *res.across],
                     [[a, *[float(v) for v in m[i]]] for i, a in enumerate(res.across)])
 
 
@@ -223,14 +235,14 @@ def polyglot_command(
         return
     if fmt == OutputFormat.csv:
         rows = [[g, "polyglot", "", n] for g in res.groups for n in res.polyglot[g]]
-        rows += [[g, "monolingual", l, n] for g in res.groups for l in res.langs for n in res.monolingual[g][l]]
+        rows += [[g, "monolingual", l, n] for g in res.groups for l in res.langs for n in res.monolingual[g].get(l, [])]
         write_csv([by, "kind", "lang", "neuron"], rows)
         return
     counts = res.counts()
     print_table(
-        f"{site} layer {res.layer}: neurons with M > {threshold} (counts)",
+        title(res, f"neurons with mean > {threshold} (counts); shares among the {sensitive_top} highest-variance neurons"),
         [by, "polyglot", *[f"only {l}" for l in res.langs], "sensitive: poly", "mono", "other"],
-        [[g, counts[g]["polyglot"], *[counts[g][l] for l in res.langs], res.shares[g]["polyglot"], res.shares[g]["monolingual"], res.shares[g]["other"]] for g in res.groups],
+        [[g, counts[g]["polyglot"], *[counts[g].get(l, "-") for l in res.langs], res.shares[g]["polyglot"], res.shares[g]["monolingual"], res.shares[g]["other"]] for g in res.groups],
     )
     print_table("polyglot neurons", [by, "neurons"], [[g, " ".join(map(str, res.polyglot[g])) or "-"] for g in res.groups])
 
@@ -240,7 +252,7 @@ def polyglot_command(
 def lape_command(
     stores: list[str] = STORES,
     site: str = typer.Option("mlp", "--site", help="Activation site (LAPE is defined on MLP neurons)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7. [default: all stored]", show_default=False),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7.", show_default=ALL_LAYERS),
     filter_rate: float = typer.Option(0.95, "--filter-rate", help="Quantile of all activation probabilities used as threshold t."),
     top_rate: float = typer.Option(0.01, "--top-rate", help="Share of all neurons kept (lowest entropy)."),
     lang: Optional[list[str]] = LANG,
@@ -268,7 +280,7 @@ def lape_command(
         return
     per_layer = res.per_layer()
     print_table(
-        f"LAPE {site}: t = {res.threshold:.4g} (filter rate {filter_rate}), top {top_rate:.2%} lowest entropy",
+        title(res, f"LAPE, t = {res.threshold:.4g} (filter rate {filter_rate}), top {top_rate:.2%} lowest entropy"),
         ["lang", "neurons", *[f"L{x}" for x in res.layers]], [[l, len(v), *per_layer[l]] for l, v in res.neurons.items()],
     )
 
@@ -278,7 +290,7 @@ def lape_command(
 def select_command(
     stores: list[str] = STORES,
     site: str = SITE,
-    layer: Optional[str] = typer.Option(None, "--layer", help="Layers, like 11 or 0,5,11 or 3-7. [default: all stored]", show_default=False),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layers, like 11 or 0,5,11 or 3-7.", show_default=ALL_LAYERS),
     by: str = BY,
     method: str = typer.Option("frequency", "--method", help="frequency, entropy, magnitude or contrast."),
     top: int = typer.Option(20, "--top", help="Neurons per group."),
@@ -309,7 +321,7 @@ def select_command(
     if fmt == OutputFormat.csv:
         write_csv(["group", "rank", "layer", "neuron", "score"], rows)
         return
-    print_table(f"{site}: {method} selector, top {top} per {by}", [by, "rank", "layer", "neuron", "score"], rows)
+    print_table(title(res, f"{method} selector, top {top} per {by}"), [by, "rank", "layer", "neuron", "score"], rows)
 
 
 @app.command("top-examples")
@@ -338,27 +350,26 @@ def top_examples_command(
     run.pop("cache")
     if sel["rows"] is None and store.meta["tokens"]:
         sel["rows"] = "tokens"
-    examples = q.top_examples(store, site, layer, neuron, k=k, **sel, **run)
-    layer_n = q.resolve_layer(store, site, layer)
+    res = q.top_examples_result(store, site, layer, neuron, k=k, **sel, **run)
+    examples = res.examples
     cols = ["value", "lang", "label", "doc", "position", "token_id", "kind", "token", "left", "right", "text"]
     rows = [[e.value, e.lang, e.label, e.doc, e.position, e.token_id, e.kind, e.token, e.left, e.right, e.text] for e in examples]
     if fmt == OutputFormat.json:
-        print_json({"site": site, "layer": layer_n, "neuron": neuron, "examples": [dict(zip(["row", *cols], [e.row, *r])) for e, r in zip(examples, rows)]})
+        print_json(res.to_json())
     elif fmt == OutputFormat.csv:
         write_csv(cols, rows)
     elif sel["rows"] == "tokens":  # the token in its sentence: left [token] right (escaped: rich would read [word] as markup)
         from rich.markup import escape
 
-        kinds = sel["where"].get("token_kind")
         print_table(
-            f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} tokens" + (f" (kinds {','.join(kinds)})" if kinds else ""),
+            title(res, f"neuron {neuron}, top {len(rows)} tokens"),
             ["rank", "value", "lang", "label", "doc", "position", "kind", "token", "context"],
             [[i + 1, e.value, e.lang, e.label, e.doc, e.position, e.kind or "", escape(e.token) if e.token is not None else f"id {e.token_id}", escape(e.context())] for i, e in enumerate(examples)],
         )
     else:
         from rich.markup import escape
 
-        print_table(f"{site} layer {layer_n} neuron {neuron}: top {len(rows)} sentences ({sel['rows'] or q.default_rows(store)})", ["rank", "value", "lang", "label", "doc", "text"],
+        print_table(title(res, f"neuron {neuron}, top {len(rows)} sentences"), ["rank", "value", "lang", "label", "doc", "text"],
                     [[i + 1, e.value, e.lang, e.label, e.doc, escape(e.text)] for i, e in enumerate(examples)])
 
 
@@ -369,7 +380,7 @@ def stats_command(
     site: str = SITE,
     layer: Optional[int] = LAYER,
     by: str = BY,
-    neurons: Optional[str] = typer.Option(None, "--neurons", help="Only these neurons in the table/CSV, like 0,5 or 3-7. [default: all]", show_default=False),
+    neurons: Optional[str] = typer.Option(None, "--neurons", help="Only these neurons in the table/CSV, like 0,5 or 3-7.", show_default="all (the table: the first 8)"),
     quantiles: bool = typer.Option(True, "--quantiles/--no-quantiles", help="Approximate P10/P50/P90 (a histogram sketch in the same pass)."),
     pool: Optional[str] = POOL,
     tokens: bool = TOKENS,
@@ -400,6 +411,6 @@ def stats_command(
         write_csv(res.COLUMNS, res.table(picks))
         return
     shown = picks if picks is not None else list(range(min(width, 8)))
-    print_table(f"{site} layer {res.layer}: group statistics (raw activations)", res.COLUMNS, [[_fmt(v) for v in r] for r in res.table(shown)])
+    print_table(title(res, "group statistics of the raw activations"), res.COLUMNS, [[_fmt(v) for v in r] for r in res.table(shown)])
     if picks is None and width > len(shown):
         console.print(f"(neurons 0-{len(shown) - 1} of {width}; --neurons to choose, --format csv for all)")

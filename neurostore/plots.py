@@ -16,8 +16,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .errors import NeurostoreError  # noqa: E402
+from .provenance import describe  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
+
+
+def _title(fig: Any, what: str, res: Any) -> None:
+    """The figure's title: what is drawn, and on a second line the rows behind it (site, layer,
+    pooling, filters, z-scoring), as the query tables say it."""
+    if getattr(res, "provenance", None):
+        rows = describe(res.provenance)
+    else:  # a result built by hand: at least the site and layer(s)
+        rows = f"{res.site}, layer {res.layer}" if hasattr(res, "layer") else f"{res.site}, layers {res.layers}"
+    fig.suptitle(f"{what}\n{rows}", fontsize=11)
 
 
 def _rows_cols(n: int, max_cols: int = 3) -> tuple[int, int]:
@@ -25,43 +36,86 @@ def _rows_cols(n: int, max_cols: int = 3) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
-def _mark(ax: Any, top: list, color: str = "tab:red", annotate: int = 5) -> None:
+# Where a point's label may go, in points from the point: above, beside, then further up.
+_SPOTS = [(0, 4), (6, 1), (-6, 1), (0, 12), (9, 9), (-9, 9), (0, 20), (13, 16), (-13, 16), (0, 28), (17, 24), (-17, 24)]
+
+
+def _label_points(ax: Any, points: list[tuple[float, float, str]], color: str) -> int:
+    """Write ``text`` next to each ``(x, y)`` without overlapping another label, a marked point,
+    the legend or the axes' edge: each label takes the first free spot of ``_SPOTS`` (measured in
+    display space, so call this once the layout is final); one that finds none is left out.
+    Returns how many were written."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = []
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    for x, y, _ in points:  # the markers themselves (a few pixels around each)
+        px, py = ax.transData.transform((x, y))
+        r = 3 * ax.figure.dpi / 72
+        taken.append(matplotlib.transforms.Bbox([[px - r, py - r], [px + r, py + r]]))
+    written = 0
+    for x, y, text in points:
+        for dx, dy in _SPOTS:
+            ha = "center" if dx == 0 else "left" if dx > 0 else "right"
+            moved = (dx, dy) != _SPOTS[0]  # a label moved off its point gets a thin line to it
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va="bottom",
+                            fontsize=7, color=color, annotation_clip=False,
+                            bbox=dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.75),
+                            arrowprops=dict(arrowstyle="-", lw=0.4, color=color, shrinkA=0, shrinkB=3) if moved else None)
+            t.update_positions(renderer)
+            box = matplotlib.text.Text.get_window_extent(t, renderer).padded(1)  # the text, not its line
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in taken):
+                taken.append(box)
+                written += 1
+                break
+            t.remove()
+    return written
+
+
+def _mark(ax: Any, top: list, color: str = "tab:red") -> None:
     if not top:
         return
     xs = [n for n, _ in top]
     ys = [v for _, v in top]
-    ax.scatter(xs, ys, color=color, s=18, zorder=3, label=f"top {len(top)}")
-    for n, v in top[:annotate]:
-        ax.annotate(str(n), (n, v), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7, color=color)
+    ax.scatter(xs, ys, color=color, s=18, zorder=3, label=f"top {len(top)} (neuron ids)")
 
 
 def variance_figure(res: Any) -> Any:
-    """Per-neuron variance along the layer: one panel per group (``--within``/``--per``) or one
-    panel (variance over group means), top neurons marked and numbered."""
+    """Per-neuron variance along the layer: one panel (variance over group means, the default of
+    ``query variance``), or one per language (``--per``) or group (``--within``); the top neurons
+    marked and labelled with their ids where the labels do not overlap."""
     space = "z" if res.zscore else "activation"
     if res.groups is None:
-        panels = [("all rows", res.variance, res.top)]
-        ylabel = f"variance of {res.by} means of {space}"
+        panels = [(None, res.variance, res.top)]
     else:
         panels = [(g, res.variance[i], res.top[i]) for i, g in enumerate(res.groups)]
-        ylabel = f"variance of {space}" if res.mode == "within" else f"variance of {res.by} means of {space}"
+    ylabel = f"variance of {space}" if res.mode == "within" else f"variance of {res.by} means\nof {space}"
     rows, cols = _rows_cols(len(panels), 2)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 2.9 * rows + 0.6), squeeze=False, sharex=True)
     width = len(panels[0][1])
     for ax, (name, values, top) in zip(axes.ravel(), panels):
         ax.plot(np.arange(width), values, lw=0.8, color="tab:blue")
         _mark(ax, top)
-        ax.set_title(f"{res.by} = {name}" if res.groups is not None and res.mode == "within" else name, fontsize=10)
+        if name is not None:
+            ax.set_title(f"{res.by} {name}" if res.mode == "within" else f"language {name}", fontsize=10)
         ax.set_ylabel(ylabel, fontsize=8)
+        ax.margins(y=0.18)
         ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("neuron")
-    axes.ravel()[0].legend(fontsize=7, loc="upper right")
-    kind = {"within": f"within each {res.by}", "per": "per language", "by": f"over {res.by} means"}[res.mode]
-    fig.suptitle(f"Per-neuron variance {kind}: {res.site}, layer {res.layer}")
+    for i, ax in enumerate(axes.ravel()):
+        if i >= len(panels):
+            ax.set_visible(False)
+        if i >= len(panels) - cols and i < len(panels):  # the lowest panel of its column
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("neuron")
+    axes.ravel()[0].legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.1)
+    kind = {"within": f"within each {res.by}", "per": f"over {res.by} means, per language", "by": f"over {res.by} means"}[res.mode]
+    _title(fig, f"Per-neuron variance {kind}", res)
     fig.tight_layout()
+    for ax, (_, _, top) in zip(axes.ravel(), panels):
+        _label_points(ax, [(n, v, str(n)) for n, v in top], "tab:red")
     return fig
 
 
@@ -89,7 +143,8 @@ def correlation_figure(res: Any) -> Any:
         ax.set_visible(False)
     label = "Spearman's ρ" if res.method == "spearman" else "cosine similarity"
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=label)
-    fig.suptitle(f"Cross-lingual {label} of mean z per neuron: {res.site}, layer {res.layer}")
+    space = "z" if res.provenance.get("parameters", {}).get("zscore", True) else "activation"
+    _title(fig, f"Cross-lingual {label} of the per-neuron mean {space} of each group", res)
     return fig
 
 
@@ -99,24 +154,28 @@ def means_figure(gm: Any, label: str, highlights: dict[str, list[int]]) -> Any:
         raise NeurostoreError(f"--label {label}: the store has {', '.join(gm.groups)}")
     e = gm.groups.index(label)
     langs = [l for i, l in enumerate(gm.langs) if gm.count[i, e] > 0]
-    fig, axes = plt.subplots(len(langs), 1, figsize=(8, 1.6 * len(langs) + 0.8), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(len(langs), 1, figsize=(8, 1.7 * len(langs) + 1.2), squeeze=False, sharex=True, sharey=True)
     width = gm.M.shape[-1]
+    space = "z-activation" if gm.zscore else "activation"
     for ax, lang in zip(axes[:, 0], langs):
         i = gm.langs.index(lang)
         values = gm.M[i, e]
         ax.bar(np.arange(width), values, width=1.0, color="0.6")
         top = highlights.get(lang, [])
-        ax.bar(top, values[top], width=1.0, color="tab:red", label="top neurons")
-        for n in top[:5]:
-            ax.annotate(str(n), (n, values[n]), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7, color="tab:red")
+        ax.bar(top, values[top], width=1.0, color="tab:red", label="the language's top neurons (ids)")
         ax.axhline(0, color="black", lw=0.5)
-        ax.set_ylabel(f"{lang}\n(n={int(gm.count[i, e])})", fontsize=8)
+        ax.set_ylabel(f"{lang} (n={int(gm.count[i, e])})", fontsize=8)
+        ax.margins(y=0.2)
         ax.grid(alpha=0.3, axis="y")
     axes[-1, 0].set_xlabel("neuron")
-    axes[0, 0].legend(fontsize=7, loc="upper right")
-    space = "z-activation" if gm.zscore else "activation"
-    fig.suptitle(f"Average {space} for {gm.by} = {label} per language: {gm.site}, layer {gm.layer}")
+    axes[0, 0].legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.1)
+    fig.supylabel(f"mean {space} of {gm.by} {label}, per language", fontsize=9)
+    _title(fig, f"Average {space} for {gm.by} {label} per language", gm)
     fig.tight_layout()
+    for ax, lang in zip(axes[:, 0], langs):
+        values = gm.M[gm.langs.index(lang), e]
+        top = highlights.get(lang, [])
+        _label_points(ax, [(n, values[n], str(n)) for n in top], "tab:red")
     return fig
 
 
@@ -126,18 +185,22 @@ def polyglot_figure(res: Any) -> Any:
     kinds = ["polyglot", *res.langs]
     x = np.arange(len(res.groups))
     w = 0.8 / len(kinds)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(res.groups) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(res.groups) + 2), 3.8))
     colors = plt.get_cmap("tab10")
     for k, kind in enumerate(kinds):
-        values = [counts[g][kind] for g in res.groups]
-        bars = ax.bar(x + (k - (len(kinds) - 1) / 2) * w, values, w, label="polyglot (all languages)" if kind == "polyglot" else f"only {kind}",
+        have = [g for g in res.groups if kind in counts[g]]  # a language without rows of a group has no bar
+        xs = [x[res.groups.index(g)] + (k - (len(kinds) - 1) / 2) * w for g in have]
+        bars = ax.bar(xs, [counts[g][kind] for g in have], w, label="polyglot (all languages)" if kind == "polyglot" else f"only {kind}",
                       color="black" if kind == "polyglot" else colors(k - 1))
         ax.bar_label(bars, fontsize=6)
+    by = res.provenance.get("selection", {}).get("by") or "label"
+    space = "z" if res.provenance.get("parameters", {}).get("zscore", True) else "activation"
     ax.set_xticks(x, res.groups)
     ax.set_ylabel("neurons")
-    ax.set_xlabel("label")
-    ax.legend(fontsize=7, ncol=min(len(kinds), 4))
-    ax.set_title(f"Polyglot and monolingual neurons (mean z > {res.threshold}): {res.site}, layer {res.layer}")
+    ax.set_xlabel(by)
+    ax.margins(y=0.12)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _title(fig, f"Polyglot and monolingual neurons (mean {space} > {res.threshold})", res)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
@@ -155,8 +218,8 @@ def lape_figure(res: Any) -> Any:
     ax.set_xticks(x, [str(layer) for layer in res.layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("language-specific neurons")
-    ax.legend(fontsize=7, ncol=min(len(langs), 6), title="language (total)", title_fontsize=7)
-    ax.set_title(f"LAPE neurons per layer ({res.site}; filter rate {res.filter_rate}, top rate {res.top_rate})")
+    ax.legend(fontsize=7, title="language (total)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _title(fig, f"LAPE language-specific neurons per layer (filter rate {res.filter_rate}, top rate {res.top_rate})", res)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig

@@ -20,6 +20,7 @@ Results are small dataclasses with ``to_json()`` giving the documented JSON obje
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,6 +30,7 @@ from . import analysis as an
 from . import chunks as ch
 from . import moments as mo
 from .errors import NeurostoreError
+from .provenance import provenance
 from .store import TOKEN_KINDS, Store, _ranges
 
 
@@ -153,6 +155,137 @@ def _clean(values: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# refusals: an analysis that would print numbers meaning nothing raises instead (docs/query.md)
+
+
+def _count(value: int | None, option: str) -> None:
+    """Counts of neurons or rows (``--top``, ``--k``, ``--sensitive-top``) are at least 1."""
+    if value is not None and (isinstance(value, bool) or value < 1):
+        raise NeurostoreError(f"{option} {value}: expected a count of at least 1")
+
+
+def _noun(by: str | None) -> str:
+    return {"label": "labels", "lang": "languages"}.get(by or "", f"values of {by!r}" if by else "groups")
+
+
+def _one(by: str | None) -> str:
+    return {"label": "label", "lang": "language"}.get(by or "", f"{by} value" if by else "group")
+
+
+def _no_lang_zscore(by: str | None, zscore: bool, what: str) -> None:
+    """z-scoring within language makes every language's mean z 0 and variance 1 by construction."""
+    if by == "lang" and zscore:
+        raise NeurostoreError(
+            f"{what} --by lang with z-scoring within language: every language's mean z is 0 (and its "
+            "variance 1) by construction; add --no-zscore, or group by another column (--by label)"
+        )
+
+
+def _require_column(store: Store, column: str, what: str) -> None:
+    """Refuse when no sentence of the store has a value in ``column`` (e.g. the corpus column of the
+    labels was not found at extraction, so every code is -1)."""
+    if store.categories(column) and (store.doc_column(column) >= 0).any():
+        return
+    if column == "label":
+        hint = "extract --label-col COLUMN records them (the corpus column holding the labels)"
+    elif column == "lang":
+        hint = "extract --lang-col COLUMN (a corpus column) or --lang CODE (per file) records them"
+    else:
+        hint = "group by another column (--by label)"
+    raise NeurostoreError(f"{what}: the store has no {_noun(column)} (every sentence's {column} is missing); {hint}")
+
+
+def _doc_counts(store: Store, sel: mo.Selection) -> tuple[np.ndarray, list[str], list[str]]:
+    """Sentences per finest group ``[langs, groups]`` from the per-sentence tables (no pass): a group
+    without sentences has no rows, so the checks below can refuse before reading activations."""
+    gid, langs, groups = mo.group_codes(store, sel)
+    count = np.bincount(gid[gid >= 0], minlength=len(langs) * len(groups)).reshape(len(langs), len(groups))
+    return count, langs, groups
+
+
+def _usable(
+    count: np.ndarray, langs: Sequence[str], groups: Sequence[str], *, what: str, by: str | None,
+    filtered: bool, min_groups: int = 1, min_langs: int = 1, zscore: bool = False, per_lang: bool = False,
+    group_langs: bool = False, alt: str = "", warn: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Which languages and groups of ``count [langs, groups]`` an analysis may use, or a refusal.
+
+    ``min_groups`` / ``min_langs``: groups of ``by`` / languages with rows that must remain.
+    ``zscore``: a language with rows of one group only is left out (z-scored within its language,
+    that group's mean is 0 and its variance 1 by construction); ``per_lang``: the same for analyses
+    per language over groups. ``group_langs``: a group with rows in one language only is left out
+    (cross-lingual analyses). Returns (languages kept, groups kept, the warning lines).
+    """
+    have = np.asarray(count) > 0
+    scope = "the selection" if filtered else "the store"
+    widen = "widen --lang/--label/--where" if filtered else ""
+    if not have.any():
+        raise NeurostoreError(f"{what}: no rows selected" + (f" ({widen})" if filtered else f" (no row has a {_one(by)})"))
+
+    def few(kind: str, names: Sequence[str], ok: np.ndarray, need: int) -> NeurostoreError:
+        got = [n for n, o in zip(names, ok) if o]
+        fix = " or ".join(x for x in (f"keep more {kind} ({widen})" if filtered else "", alt) if x) or f"extract a corpus with more {kind}"
+        listed = f" ({', '.join(got)})" if got else ""
+        if dropped:
+            listed += f" after leaving out {'; '.join(dropped)}"
+            fix += " or add --no-zscore" if zscore else ""
+        return NeurostoreError(f"{what} needs at least {need} {kind} with rows; {scope} has {len(got)}{listed}: {fix}")
+
+    notes: list[str] = []
+    dropped: list[str] = []  # the same, shorter, for a refusal
+    lang_ok, group_ok = have.any(axis=1), have.any(axis=0)
+    if group_ok.sum() < min_groups:
+        raise few(_noun(by), groups, group_ok, min_groups)
+    if zscore or per_lang:
+        thin = lang_ok & (have.sum(axis=1) < 2)
+        if thin.any():
+            names = ", ".join(l for l, t in zip(langs, thin) if t)
+            why = (f"rows of one {_one(by)} only, whose mean z is 0 by construction" if zscore
+                   else f"rows of one {_one(by)} only, nothing varies over {_noun(by)} there")
+            notes.append(f"left out language {names}: {why}" + ("; --no-zscore keeps such languages" if zscore else ""))
+            dropped.append(f"{names} ({why})")
+            lang_ok = lang_ok & ~thin
+            if not lang_ok.any():
+                tail = ("; z-scored within language such a language's one mean is 0 by construction: keep more "
+                        f"{_noun(by)} or add --no-zscore") if zscore else f": keep more {_noun(by)}"
+                raise NeurostoreError(f"{what}: no language has rows of 2 or more {_noun(by)}{tail}")
+            have = have & lang_ok[:, None]
+            group_ok = have.any(axis=0)
+            if group_ok.sum() < min_groups:
+                raise few(_noun(by), groups, group_ok, min_groups)
+    if lang_ok.sum() < min_langs:
+        raise few("languages", langs, lang_ok, min_langs)
+    if group_langs:
+        thin = group_ok & (have.sum(axis=0) < 2)
+        if thin.any():
+            notes.append(f"left out {_one(by)} {', '.join(g for g, t in zip(groups, thin) if t)}: rows in one language only, nothing to compare")
+            group_ok = group_ok & ~thin
+            if not group_ok.any():
+                raise NeurostoreError(f"{what}: no {_one(by)} has rows in 2 or more languages: keep more languages")
+    if warn:
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+    return lang_ok, group_ok, notes
+
+
+def _check(store: Store, sel: mo.Selection, mom: mo.GroupMoments | None = None, **need: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`_usable` on the sentence counts before the pass (``mom`` None: refusals only) or on
+    the pass's row counts."""
+    if mom is None:
+        return _usable(*_doc_counts(store, sel), filtered=bool(sel.filters), warn=False, **need)
+    return _usable(mom.count, mom.langs, mom.groups, filtered=bool(sel.filters), **need)
+
+
+def _keep_langs(lang_ok: np.ndarray, n: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Left-out languages become empty groups (count 0, zeros), which every analysis skips."""
+    keep = lang_ok[:, None]
+    out = [np.where(keep, n, 0)]
+    for a in arrays:
+        out.append(np.where(keep.reshape(keep.shape + (1,) * (a.ndim - 2)), a, 0))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
 # group moments as a table
 
 
@@ -173,6 +306,7 @@ class GroupStats:
     p10: np.ndarray | None = None
     p50: np.ndarray | None = None
     p90: np.ndarray | None = None
+    provenance: dict = field(default_factory=dict)
 
     COLUMNS = ("lang", "group", "neuron", "count", "mean", "std", "p_active", "p10", "p50", "p90")
 
@@ -195,6 +329,7 @@ class GroupStats:
         for key in ("mean", "std", "p_active", "p10", "p50", "p90"):
             value = getattr(self, key)
             out[key] = None if value is None else [[_clean(v) for v in per_lang] for per_lang in value]
+        out["provenance"] = self.provenance
         return out
 
 
@@ -218,12 +353,18 @@ def stats(
     P10/P50/P90 of the raw activations of one layer."""
     layer = resolve_layer(store, site, layer)
     sel = selection(store, site, layer, rows=rows, by=by, lang=lang, label=label, where=where)
+    if by is not None:
+        _require_column(store, by, "stats")
+    _check(store, sel, what="stats", by=by)
     mom = _moments(store, sel, quantiles=quantiles, **_run_opts(scheduler, workers, cache))
+    _check(store, sel, mom, what="stats", by=by)
     i = 0
-    return _group_stats(
+    out = _group_stats(
         mom, layer, mom.langs, mom.groups, mom.count, mom.mean[:, :, i], mom.m2[:, :, i], mom.pos[:, :, i],
         mom.vmin[:, :, i], mom.vmax[:, :, i], None if mom.hist is None else mom.hist[:, :, i],
     )
+    out.provenance = provenance(store, sel, "stats", quantiles=quantiles)
+    return out
 
 
 STATS = ("mean", "std", "p_active", "p10", "p50", "p90")
@@ -288,6 +429,7 @@ class VarianceResult:
     f: np.ndarray | None
     top: Any
     groups: list[str] | None = None
+    provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"site": self.site, "layer": self.layer, "by": self.by, "mode": self.mode, "zscore": self.zscore}
@@ -298,6 +440,7 @@ class VarianceResult:
             out["variance"] = {g: _clean(self.variance[i]) for i, g in enumerate(self.groups)}
             out["f"] = None if self.f is None else {g: _clean(self.f[i]) for i, g in enumerate(self.groups)}
             out["top"] = {g: [[n, v] for n, v in self.top[i]] for i, g in enumerate(self.groups)}
+        out["provenance"] = self.provenance
         return out
 
 
@@ -310,35 +453,58 @@ def variance(
     """Per neuron, the population variance over ``by`` groups of the group means of z (rows of all
     languages pooled) and the one-way ANOVA F; ``per="lang"``: the same within each language;
     ``within=True``: per group, the variance of z over that group's rows. ``top`` ranks neurons by
-    variance (highest first)."""
+    variance (highest first).
+
+    Refused (:class:`NeurostoreError`): fewer than 2 groups with rows (``within``: 1), ``by="lang"``
+    with z-scoring, a store without values in ``by``, ``top < 1``. Left out with a warning: with
+    z-scoring (or ``per="lang"``), a language with rows of one group only."""
     if per not in (None, "lang"):
         raise NeurostoreError(f"--per {per}: only --per lang is supported")
+    _count(top, "--top")
+    mode = "within" if within else "per" if per == "lang" else "by"
+    what = {"within": f"variance within each {_one(by)}", "per": f"variance over {_one(by)} means per language",
+            "by": f"variance over {_one(by)} means"}[mode]
+    _no_lang_zscore(by, zscore, "variance")
     layer = resolve_layer(store, site, layer)
     sel = selection(store, site, layer, rows=rows, by=by, lang=lang, label=label, where=where)
+    _require_column(store, by, what)
+    if per == "lang":
+        _require_column(store, "lang", what)
+    need = dict(what=what, by=by, min_groups=1 if within else 2, zscore=zscore, per_lang=mode == "per",
+                alt="" if within else f"use --within {by} for the spread inside one {_one(by)}")
+    _check(store, sel, **need)
     mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
-    n, mean, m2 = _values(mom, zscore)
+    lang_ok, group_ok, notes = _check(store, sel, mom, **need)
+    n, mean, m2 = _keep_langs(lang_ok, *_values(mom, zscore))
     mean, m2 = mean[:, :, 0], m2[:, :, 0]  # [L, E, D]
+    prov = provenance(store, sel, "variance", notes, mode=mode, per=per, zscore=zscore, top=top)
     if within:
         if per == "lang":
-            rows_, names = [], []
-            for li, lg in enumerate(mom.langs):
-                for ei, g in enumerate(mom.groups):
-                    rows_.append(an.within_variance(n[li, ei], m2[li, ei]))
-                    names.append(f"{lg}/{g}")
-            var = np.stack(rows_)
+            cells = [(f"{lg}/{g}", n[li, ei], m2[li, ei]) for li, lg in enumerate(mom.langs) for ei, g in enumerate(mom.groups)]
         else:
             n_e, _, m2_e = an.combine(n, mean, m2, axis=0)
-            var, names = an.within_variance(n_e, m2_e), list(mom.groups)
+            cells = list(zip(mom.groups, n_e, m2_e))
+        # a group of one row has variance 0 for every neuron: its "top" would be neuron order
+        single = [name for name, count, _ in cells if count == 1]
+        if single:
+            note = f"left out {', '.join(single)}: one row only, no spread to measure"
+            if all(count < 2 for _, count, _ in cells):
+                raise NeurostoreError(f"{what}: every {_one(by)} has fewer than 2 rows: keep more rows (widen --lang/--label/--where)")
+            warnings.warn(note, stacklevel=2)
+            prov["notes"].append(note)
+        kept = [(name, an.within_variance(count, ss)) for name, count, ss in cells if count >= 2]
+        var, names = np.stack([v for _, v in kept]), [name for name, _ in kept]
         tops = [an.top_k(v, top) for v in var]
-        return VarianceResult(site, layer, by, "within", zscore, var, None, tops, names)
+        return VarianceResult(site, layer, by, "within", zscore, var, None, tops, names, prov)
     if per == "lang":
-        pairs = [an.between_variance(n[li], mean[li], m2[li]) for li in range(len(mom.langs))]
+        kept = np.flatnonzero(lang_ok)
+        pairs = [an.between_variance(n[li], mean[li], m2[li]) for li in kept]
         var = np.stack([p[0] for p in pairs])
         f = np.stack([p[1] for p in pairs])
-        return VarianceResult(site, layer, by, "per", zscore, var, f, [an.top_k(v, top) for v in var], list(mom.langs))
+        return VarianceResult(site, layer, by, "per", zscore, var, f, [an.top_k(v, top) for v in var], [mom.langs[li] for li in kept], prov)
     n_e, mean_e, m2_e = an.combine(n, mean, m2, axis=0)
     var, f = an.between_variance(n_e, mean_e, m2_e)
-    return VarianceResult(site, layer, by, "by", zscore, var, f, an.top_k(var, top))
+    return VarianceResult(site, layer, by, "by", zscore, var, f, an.top_k(var, top), None, prov)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,9 +523,11 @@ class GroupMeans:
     groups: list[str]
     count: np.ndarray
     M: np.ndarray
+    provenance: dict = field(default_factory=dict)
 
     def top_neurons(self, group: str, k: int) -> dict[str, list[int]]:
         """Per language, the ``k`` neurons with the highest ``M`` for ``group`` (highest first)."""
+        _count(k, "--top")
         if group not in self.groups:
             raise NeurostoreError(f"--label {group}: the store has {', '.join(self.groups)}")
         e = self.groups.index(group)
@@ -369,6 +537,7 @@ class GroupMeans:
         return {
             "site": self.site, "layer": self.layer, "by": self.by, "zscore": self.zscore, "langs": self.langs,
             "groups": self.groups, "count": self.count.tolist(), "M": [[_clean(v) for v in per] for per in self.M],
+            "provenance": self.provenance,
         }
 
 
@@ -377,12 +546,35 @@ def group_means(
     rows: str | None = None, lang=None, label=None, where=None,
     scheduler: Any = None, workers: int | None = None, cache: bool = True,
 ) -> GroupMeans:
-    """``M[l, e, d]``: the mean of z over the rows of language l and group e."""
+    """``M[l, e, d]``: the mean of z over the rows of language l and group e, for the languages and
+    groups with rows. With z-scoring, 2 groups with rows are needed, and a language with rows of
+    one group only is left out (its mean z is 0 by construction), with a warning."""
+    return _group_means(store, site, layer, what="group means", by=by, zscore=zscore, rows=rows, lang=lang,
+                        label=label, where=where, run=_run_opts(scheduler, workers, cache))
+
+
+def _group_means(store: Store, site: str, layer: int | None, *, what: str, by: str, zscore: bool, rows, lang, label,
+                 where, run: dict, cross_lingual: bool = False, min_groups: int = 1, **params: Any) -> GroupMeans:
+    """:func:`group_means` with the refusals of ``what``; ``cross_lingual``: needs 2 languages, and
+    groups with rows in one language only are left out."""
+    _no_lang_zscore(by, zscore, what)
+    if cross_lingual and by == "lang":
+        raise NeurostoreError(f"{what} --by lang: the languages are what {what} compares; group by another column (--by label)")
     layer = resolve_layer(store, site, layer)
     sel = selection(store, site, layer, rows=rows, by=by, lang=lang, label=label, where=where)
-    mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
+    _require_column(store, by, what)
+    if cross_lingual:
+        _require_column(store, "lang", what)
+    need = dict(what=what, by=by, zscore=zscore, min_groups=max(min_groups, 2 if zscore else 1),
+                min_langs=2 if cross_lingual else 1, group_langs=cross_lingual)
+    _check(store, sel, **need)
+    mom = _moments(store, sel, **run)
+    lang_ok, group_ok, notes = _check(store, sel, mom, **need)
     n, mean, _ = _values(mom, zscore)
-    return GroupMeans(site, layer, by, zscore, list(mom.langs), list(mom.groups), n, an.group_means(n, mean[:, :, 0]))
+    M = an.group_means(n, mean[:, :, 0])[lang_ok][:, group_ok]
+    prov = provenance(store, sel, what if cross_lingual else "group_means", notes, zscore=zscore, **params)
+    return GroupMeans(site, layer, by, zscore, [l for l, ok in zip(mom.langs, lang_ok) if ok],
+                      [g for g, ok in zip(mom.groups, group_ok) if ok], n[lang_ok][:, group_ok], M, prov)
 
 
 @dataclass
@@ -394,11 +586,13 @@ class Correlation:
     groups: list[str]
     matrices: np.ndarray  # [groups, L, L]
     mean: np.ndarray  # [L, L]
+    provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "site": self.site, "layer": self.layer, "method": self.method, "across": self.across, "groups": self.groups,
             "matrices": {g: _clean(self.matrices[i]) for i, g in enumerate(self.groups)}, "mean": _clean(self.mean),
+            "provenance": self.provenance,
         }
 
 
@@ -408,15 +602,19 @@ def correlate(
     scheduler: Any = None, workers: int | None = None, cache: bool = True,
 ) -> Correlation:
     """For each group e and languages a, b: Spearman's rho (or cosine) between ``M[a, e, :]`` and
-    ``M[b, e, :]`` over the neurons; plus the mean matrix over groups (NaN entries skipped)."""
+    ``M[b, e, :]`` over the neurons; plus the mean matrix over groups (NaN entries skipped).
+
+    Refused: fewer than 2 languages with rows, ``by="lang"``, z-scoring with fewer than 2 groups.
+    Left out with a warning: groups with rows in one language only; with z-scoring, languages with
+    rows of one group only."""
     if across != "lang":
         raise NeurostoreError(f"--across {across}: only --across lang is supported")
     if method not in ("spearman", "cosine"):
         raise NeurostoreError(f"--method {method}: expected spearman or cosine")
-    gm = group_means(store, site, layer, by=by, zscore=zscore, rows=rows, lang=lang, label=label, where=where,
-                     scheduler=scheduler, workers=workers, cache=cache)
+    gm = _group_means(store, site, layer, what="correlate", by=by, zscore=zscore, rows=rows, lang=lang, label=label,
+                      where=where, run=_run_opts(scheduler, workers, cache), cross_lingual=True, across=across, method=method)
     mats = an.correlation_matrices(gm.M, method)
-    return Correlation(site, gm.layer, method, gm.langs, gm.groups, mats, an.nanmean_matrices(mats))
+    return Correlation(site, gm.layer, method, gm.langs, gm.groups, mats, an.nanmean_matrices(mats), gm.provenance)
 
 
 @dataclass
@@ -430,6 +628,7 @@ class Polyglot:
     monolingual: dict[str, dict[str, list[int]]]
     sensitive: list[int]
     shares: dict[str, dict[str, float]]
+    provenance: dict = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {g: {"polyglot": len(self.polyglot[g]), **{l: len(v) for l, v in self.monolingual[g].items()}} for g in self.groups}
@@ -438,7 +637,7 @@ class Polyglot:
         return {
             "site": self.site, "layer": self.layer, "threshold": self.threshold, "polyglot": self.polyglot,
             "monolingual": self.monolingual, "counts": self.counts(),
-            "sensitive": {"neurons": self.sensitive, "shares": self.shares},
+            "sensitive": {"neurons": self.sensitive, "shares": self.shares}, "provenance": self.provenance,
         }
 
 
@@ -449,15 +648,22 @@ def polyglot(
 ) -> Polyglot:
     """Polyglot neurons (``M > threshold`` in every language with rows of the group) and
     monolingual ones (above it in one language only), per group; and among the ``sensitive_top``
-    highest-variance neurons, the share that is polyglot / monolingual (any language) / other."""
-    gm = group_means(store, site, layer, by=by, zscore=zscore, rows=rows, lang=lang, label=label, where=where,
-                     scheduler=scheduler, workers=workers, cache=cache)
+    highest-variance neurons, the share that is polyglot / monolingual (any language) / other.
+
+    Refused: fewer than 2 languages or 2 groups with rows, ``by="lang"``, ``sensitive_top < 1``.
+    Left out with a warning: groups with rows in one language only; with z-scoring, languages with
+    rows of one group only."""
+    _count(sensitive_top, "--sensitive-top")
+    gm = _group_means(store, site, layer, what="polyglot", by=by, zscore=zscore, rows=rows, lang=lang, label=label,
+                      where=where, run=_run_opts(scheduler, workers, cache), cross_lingual=True, min_groups=2,
+                      threshold=threshold, sensitive_top=sensitive_top)
     sets = an.polyglot_sets(gm.M, gm.count, threshold)
     var = variance(store, site, gm.layer, by=by, zscore=zscore, top=sensitive_top, rows=rows, lang=lang, label=label,
                    where=where, scheduler=scheduler, workers=workers, cache=cache)
     sensitive = [n for n, _ in var.top]
     poly = {g: sets.polyglot[e].tolist() for e, g in enumerate(gm.groups)}
-    mono = {g: {l: sets.monolingual[e][li].tolist() for li, l in enumerate(gm.langs)} for e, g in enumerate(gm.groups)}
+    # a language without rows of a group has no monolingual neurons of it to count: it is absent
+    mono = {g: {l: sets.monolingual[e][li].tolist() for li, l in enumerate(gm.langs) if gm.count[li, e] > 0} for e, g in enumerate(gm.groups)}
     shares = {}
     S = set(sensitive)
     for e, g in enumerate(gm.groups):
@@ -465,7 +671,7 @@ def polyglot(
         m = S & set().union(*[set(v) for v in mono[g].values()]) - p
         k = max(len(S), 1)
         shares[g] = {"polyglot": len(p) / k, "monolingual": len(m) / k, "other": (len(S) - len(p) - len(m)) / k}
-    return Polyglot(site, gm.layer, threshold, gm.langs, gm.groups, poly, mono, sensitive, shares)
+    return Polyglot(site, gm.layer, threshold, gm.langs, gm.groups, poly, mono, sensitive, shares, gm.provenance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +689,7 @@ class Lape:
     neurons: dict[str, list[tuple[int, int]]]  # lang -> [(layer, neuron)]
     P: np.ndarray = field(repr=False)  # [langs, layers, D]
     H: np.ndarray = field(repr=False)
+    provenance: dict = field(default_factory=dict)
 
     def per_layer(self) -> dict[str, list[int]]:
         """Number of a language's neurons in each layer (in ``layers`` order)."""
@@ -492,7 +699,7 @@ class Lape:
         return {
             "site": self.site, "layer": self.layers, "layers": self.layers, "threshold": self.threshold,
             "filter_rate": self.filter_rate, "top_rate": self.top_rate,
-            "neurons": {l: [[a, b] for a, b in v] for l, v in self.neurons.items()},
+            "neurons": {l: [[a, b] for a, b in v] for l, v in self.neurons.items()}, "provenance": self.provenance,
         }
 
 
@@ -501,17 +708,27 @@ def lape(
     top_rate: float = 0.01, rows: str = "tokens", lang=None, label=None, where=None,
     scheduler: Any = None, workers: int | None = None, cache: bool = True,
 ) -> Lape:
-    """Language-specific neurons by LAPE (token rows, all stored layers of ``site`` by default)."""
+    """Language-specific neurons by LAPE (token rows, all stored layers of ``site`` by default).
+    Refused: fewer than 2 languages with rows (the entropy over one language is 0 for every neuron)."""
     sel = selection(store, site, layers, rows=rows, by=None, lang=lang, label=label, where=where)
+    if not 0 < filter_rate <= 1:
+        raise NeurostoreError(f"--filter-rate {filter_rate}: expected a share in (0, 1]")
+    if not 0 < top_rate <= 1:
+        raise NeurostoreError(f"--top-rate {top_rate}: expected a share in (0, 1]")
+    _require_column(store, "lang", "lape")
+    need = dict(what="lape", by=None, min_langs=2)
+    _check(store, sel, **need)
+    neurons = len(sel.layers) * store.site(site)["width"]
+    if round(top_rate * neurons) < 1:  # an empty result, whatever the data
+        raise NeurostoreError(f"--top-rate {top_rate}: keeps 0 of the {neurons} neurons (round(rate x neurons)); use at least {1 / neurons:.2g}")
     mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
-    have = mom.count[:, 0] > 0
+    have, _, notes = _check(store, sel, mom, **need)
     names = [l for l, h in zip(mom.langs, have) if h]
-    if not names:
-        raise NeurostoreError("lape: no rows selected")
     P = mom.pos[have, 0] / mom.count[have, 0][:, None, None]
     res = an.lape(P, filter_rate, top_rate)
     out = {l: [(mom.layers[int(res.kept[i, 0])], int(res.kept[i, 1])) for i in res.members[k]] for k, l in enumerate(names)}
-    return Lape(site, list(mom.layers), names, res.threshold, filter_rate, top_rate, out, P, res.H)
+    prov = provenance(store, sel, "lape", notes, filter_rate=filter_rate, top_rate=top_rate, threshold=res.threshold)
+    return Lape(site, list(mom.layers), names, res.threshold, filter_rate, top_rate, out, P, res.H, prov)
 
 
 @dataclass
@@ -521,12 +738,14 @@ class Selected:
     by: str
     method: str
     selected: dict[str, list[tuple[int, int, float]]]
+    provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "site": self.site, "layer": self.layers if len(self.layers) > 1 else self.layers[0], "layers": self.layers,
             "by": self.by, "method": self.method,
             "selected": {g: [[a, b, c] for a, b, c in v] for g, v in self.selected.items()},
+            "provenance": self.provenance,
         }
 
 
@@ -539,19 +758,43 @@ def select(
     """Group-sensitive neurons over all stored layers of ``site`` (or ``layers``): per group of
     ``by`` (pooled over languages), ``top`` triples (layer, neuron, score). frequency, entropy and
     contrast use P(activation > 0) of the raw activations; magnitude uses z (or raw with
-    ``zscore=False``)."""
+    ``zscore=False``).
+
+    Refused: fewer than 2 groups with rows (every score compares groups), ``top < 1``,
+    ``method="magnitude"`` with ``by="lang"`` and z-scoring. With z-scoring, magnitude leaves out a
+    language with rows of one group only (warning)."""
     if method not in an.SELECT_METHODS:
         raise NeurostoreError(f"--method {method}: expected one of {', '.join(an.SELECT_METHODS)}")
+    _count(top, "--top")
+    if not 0 < filter_rate <= 1:
+        raise NeurostoreError(f"--filter-rate {filter_rate}: expected a share in (0, 1]")
+    z = zscore and method == "magnitude"  # the other selectors read P(x > 0) of the raw activations
+    _no_lang_zscore(by, z, "select --method magnitude")
     sel = selection(store, site, layers, rows=rows, by=None if by == "lang" else by, lang=lang, label=label, where=where)
+    _require_column(store, by, f"select --method {method}")
+    need = dict(what=f"select --method {method}", by=by, min_groups=2, zscore=z and by != "lang")
+
+    def check(count: np.ndarray, langs: list[str], groups: list[str], warn: bool = True) -> tuple:
+        if by == "lang":  # the languages are the groups
+            return _usable(count.T, [mo.ALL], langs, filtered=bool(sel.filters), warn=warn, **need)
+        return _usable(count, langs, groups, filtered=bool(sel.filters), warn=warn, **need)
+
+    check(*_doc_counts(store, sel), warn=False)
     mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
+    lang_ok, _, notes = check(mom.count, mom.langs, mom.groups)
     n, mean, m2 = _values(mom, zscore)
+    pos = mom.pos
+    if by != "lang":
+        n, mean, m2, pos = _keep_langs(lang_ok, n, mean, m2, pos)
     axis = 1 if by == "lang" else 0  # merge the other key
     n_g, mean_g, _ = an.combine(n, mean, m2, axis=axis)
-    pos_g = mom.pos.sum(axis=axis)
+    pos_g = pos.sum(axis=axis)
     names = mom.langs if by == "lang" else mom.groups
     picked = an.select(method, n_g, pos_g, mean_g, top, filter_rate)
-    out = {g: [(mom.layers[a], b, c) for a, b, c in picked[i]] for i, g in enumerate(names)}
-    return Selected(site, list(mom.layers), by, method, out)
+    out = {g: [(mom.layers[a], b, c) for a, b, c in picked[i]] for i, g in enumerate(names) if n_g[i] > 0}
+    # zscore as applied: only magnitude reads z, the other selectors P(x > 0) of the raw activations
+    prov = provenance(store, sel, "select", notes, by=by, method=method, top=top, zscore=z, filter_rate=filter_rate)
+    return Selected(site, list(mom.layers), by, method, out, prov)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,6 +836,7 @@ def top_examples(
     with their sentence, and for tokens the token and its neighbours in the sentence (from the
     character offsets stored at extraction: no tokenizer is loaded). Reads that neuron's layer
     once (one pass over its chunks)."""
+    _count(k, "--k")
     layer = resolve_layer(store, site, layer)
     width = store.site(site)["width"]
     if not 0 <= neuron < width:
@@ -650,6 +894,36 @@ def _place_tokens(store: Store, examples: list[Example], positions: list[int]) -
         lo, hi = max(0, a - CONTEXT_CHARS), min(len(e.text), b + CONTEXT_CHARS)
         e.left = ("…" if lo > 0 else "") + e.text[lo:a].replace("\n", " ")
         e.right = e.text[b:hi].replace("\n", " ") + ("…" if hi < len(e.text) else "")
+
+
+@dataclass
+class TopExamples:
+    """:func:`top_examples` with where they came from (the JSON of ``query top-examples``)."""
+
+    site: str
+    layer: int
+    neuron: int
+    examples: list[Example]
+    provenance: dict = field(default_factory=dict)
+
+    COLUMNS = ("row", "value", "lang", "label", "doc", "position", "token_id", "kind", "token", "left", "right", "text")
+
+    def to_json(self) -> dict:
+        return {
+            "site": self.site, "layer": self.layer, "neuron": self.neuron,
+            "examples": [{c: getattr(e, c) for c in self.COLUMNS} for e in self.examples],
+            "provenance": self.provenance,
+        }
+
+
+def top_examples_result(store: Store, site: str = "resid", layer: int | None = None, neuron: int = 0, **options: Any) -> TopExamples:
+    """:func:`top_examples` (same keywords) as a result with its provenance."""
+    examples = top_examples(store, site, layer, neuron, **options)
+    layer = resolve_layer(store, site, layer)
+    keys = {k: v for k, v in options.items() if k not in ("k", "scheduler", "workers")}
+    keys["rows"] = keys.get("rows") or ("tokens" if store.meta["tokens"] else default_rows(store))
+    sel = selection(store, site, layer, by=None, **keys)
+    return TopExamples(site, layer, neuron, examples, provenance(store, sel, "top_examples", neuron=neuron, k=options.get("k", top_examples.__kwdefaults__["k"])))
 
 
 def _pick_rows(store: Store, name: str, rows_key: str, indices: Sequence[int]) -> list:

@@ -188,7 +188,7 @@ def test_cli_numbers_with_and_without_skip_special(synth):
 def test_cli_every_token_query_takes_the_options(synth):
     p = synth.path
     for cmd in (["correlate", p, "--tokens"], ["polyglot", p, "--tokens", "--threshold", "0.2"], ["select", p, "--tokens"],
-                ["lape", p], ["stats", p, "--tokens", "--no-quantiles"], ["variance", p, "--tokens", "--per", "lang"],
+                ["lape", p, "--top-rate", "0.1"], ["stats", p, "--tokens", "--no-quantiles"], ["variance", p, "--tokens", "--per", "lang"],
                 ["top-examples", p, "--neuron", "3", "--k", "4"]):
         skip = as_json(*cmd, "--skip-special")
         same = as_json(*cmd, "--token-kind", "text,audio")
@@ -216,8 +216,8 @@ def test_refusals_one_line(synth, tmp_path_factory, args, message):
 def test_older_store_answers_without_the_options(tmp_path):
     old = make_store(str(tmp_path / "old.zarr"), n_docs=20, token_kinds=False)
     assert "token_kind" in neurostore.store.summary(neurostore.open(old.path))["lacks"]
-    run("lape", old.path)
-    run("lape", old.path, "--token-kind", "text,special,audio")  # every kind: no filter, nothing to refuse
+    run("lape", old.path, "--top-rate", "0.1")
+    run("lape", old.path, "--token-kind", "text,special,audio", "--top-rate", "0.1")  # every kind: no filter, nothing to refuse
     ex = as_json("top-examples", old.path, "--neuron", "1", "--k", "2")["examples"]
     assert ex[0]["kind"] is None and ex[0]["token_id"] is not None
 
@@ -330,7 +330,7 @@ def test_top_examples_show_the_token_in_its_sentence(extracted, monkeypatch):
     assert f"[{top['token']}]" in table and "token_id" not in table and "context" in table
     table = run("top-examples", path, "--neuron", neuron, "--k", "3", "--skip-special").stdout
     e = skipped[0]  # a word in brackets is text, not rich markup
-    assert f"{e['left']}[{e['token']}]{e['right']}" in table and "(kinds text,audio)" in table
+    assert f"{e['left']}[{e['token']}]{e['right']}" in table and "token_kind text,audio" in table
 
 
 def test_top_examples_without_offsets(synth):
