@@ -21,6 +21,7 @@ from rich.text import Text
 
 from cli.common import FORMAT_OPTION, OutputFormat, console, err_console, fail, handle_errors, parse_int_list, print_json, print_table
 from neurostore import store as st
+from neurostore.space import format_bytes
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "emotions.jsonl"
 
@@ -213,31 +214,21 @@ def _print_estimate(result: "Any", output: OutputFormat) -> None:
     elif est.fits:
         verdict = "[green]fits[/]"
     else:
-        verdict = f"[red]short by {_fmt_bytes(est.disk_bytes - est.free_bytes)}[/]: extract would refuse (--no-space-check goes on anyway)"
+        verdict = f"[red]short by {format_bytes(est.disk_bytes - est.free_bytes)}[/]: extract would refuse (--no-space-check goes on anyway)"
     left = " (left to write on --resume)" if est.resume else ""
     rows = [
         ("store", result.path),
         ("sentences", f"{est.docs:,}{left}"),
         ("token rows", f"{est.tokens:,}{left}"),
-        ("raw", _fmt_bytes(est.raw_bytes)),
-        ("on disk (estimate)", f"{_fmt_bytes(est.disk_bytes)} ({est.compression}, activations ~{est.ratio:.2f}x)"),
-        ("free space", "not checked: object store" if est.free_bytes is None else f"{_fmt_bytes(est.free_bytes)} at {est.free_at}"),
+        ("raw", format_bytes(est.raw_bytes)),
+        ("on disk (estimate)", f"{format_bytes(est.disk_bytes)} ({est.compression}, activations ~{est.ratio:.2f}x)"),
+        ("free space", "not checked: object store" if est.free_bytes is None else f"{format_bytes(est.free_bytes)} at {est.free_at}"),
         ("verdict", verdict),
     ]
     print_table("extract --dry-run (nothing written)", ["", ""], rows, header=False)
     print_table("arrays", ["array", "shape", "dtype", "raw", "on disk"], [
-        (a["name"], " x ".join(f"{n:,}" for n in a["shape"]), a["dtype"], _fmt_bytes(a["raw_bytes"]), _fmt_bytes(a["disk_bytes"])) for a in est.arrays
+        (a["name"], " x ".join(f"{n:,}" for n in a["shape"]), a["dtype"], format_bytes(a["raw_bytes"]), format_bytes(a["disk_bytes"])) for a in est.arrays
     ])
-
-
-def _fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @handle_errors
@@ -271,8 +262,8 @@ def info_command(
             ("pooled", ", ".join(info["pool"]) or "none"),
             *_corpus_rows(info),
             ("features", (", ".join(info["features"]) or "none") + (f" (lacks {', '.join(info['lacks'])}: written by an older neurostore)" if info["lacks"] else "")),
-            ("activations", _fmt_bytes(info["activation_bytes"])),
-            ("on disk", _fmt_bytes(info["disk_bytes"])),
+            ("activations", format_bytes(info["activation_bytes"])),
+            ("on disk", format_bytes(info["disk_bytes"])),
         ]
         print_table("store", ["", ""], rows, header=False)
         print_table("sites", ["site", "layers", "n_layers", "width"], [(s, v["layers"], v["n_layers"], v["width"]) for s, v in info["sites"].items()])

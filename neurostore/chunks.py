@@ -206,16 +206,16 @@ def _read_index(fd: int, n_chunks: int, src: ShardSource, base: int) -> np.ndarr
 
 
 def _crc_ok(raw: bytes) -> bool:
-    import google_crc32c
+    from crc32c import crc32c
 
-    return google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:], "little")
+    return crc32c(memoryview(raw)[:-4]) == int.from_bytes(raw[-4:], "little")
 
 
 def _decode(raw: bytes, src: ShardSource, dtype: np.dtype, row: int, layer: int) -> np.ndarray:
     if src.chunk_crc:
         if not _crc_ok(raw):
             raise damaged(_store_dir(src.directory, src.name), src.name, row, row + src.chunk_rows, f"chunk checksum mismatch (layer index {layer})")
-        raw = raw[:-4]
+        raw = memoryview(raw)[:-4]  # no copy of the chunk
     if src.blosc:
         from numcodecs import blosc
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 
 # Faults of the machine rather than bugs: one line and exit 1, wherever they surface.
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS})
@@ -38,21 +37,9 @@ def io_fault(err: OSError, doing: str, then: str) -> Fault:
     path = err.filename or ""
     text = f"{doing}: {err.strerror or os.strerror(err.errno or 0) or err}" + (f" ({path})" if path else "")
     if err.errno in (errno.ENOSPC, errno.EDQUOT) and path:
+        from .space import free_bytes
+
         free = free_bytes(str(path))
         if free is not None:
             text += f", {free / 2**20:,.1f} MiB free there"
     return Fault(f"{text}; {then}")
-
-
-def free_bytes(path: str) -> int | None:
-    """Free space of the filesystem holding ``path`` (or its nearest existing parent)."""
-    probe = os.path.abspath(path)
-    while probe and not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    try:
-        return shutil.disk_usage(probe).free
-    except OSError:
-        return None

@@ -109,9 +109,7 @@ def _check_writable(out: str) -> None:
     """Refuse an ``--out`` that cannot be written, before any work: one line, not zarr's traceback."""
     if "://" in out:
         return
-    probe = Path(out).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = space.nearest_existing(out)
     if not probe.is_dir():
         raise NeurostoreError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -258,10 +256,8 @@ def _first_missing(out: str) -> Path | None:
     """The outermost folder of a local ``out`` that does not exist yet (None: it exists, or a URL)."""
     if "://" in out:
         return None
-    top, probe = None, Path(out).absolute()
-    while not probe.exists() and probe != probe.parent:
-        top, probe = probe, probe.parent
-    return top
+    path, probe = Path(out).absolute(), space.nearest_existing(out)
+    return None if path == probe else probe / path.relative_to(probe).parts[0]
 
 
 def _check_target(out: str) -> None:

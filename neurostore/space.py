@@ -123,14 +123,28 @@ def measure_free(est: Estimate, out: str, *, reclaim: bool = False) -> Estimate:
     if "://" in out:
         est.note = "object store: free space not checked"
         return est
-    probe = Path(out).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(out)
     est.free_at = str(probe)
     est.free_bytes = int(shutil.disk_usage(probe).free)
     if reclaim and probe == Path(out).absolute() and probe.is_dir():
         est.free_bytes += sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(probe) for f in files)
     return est
+
+
+def nearest_existing(path: str) -> Path:
+    """``path`` itself, or its nearest parent that exists (where its file system can be asked)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def free_bytes(path: str) -> int | None:
+    """Free space of the file system that holds (or would hold) ``path``."""
+    try:
+        return int(shutil.disk_usage(nearest_existing(path)).free)
+    except OSError:
+        return None
 
 
 def check(est: Estimate, out: str) -> None:

@@ -184,7 +184,7 @@ def store_copy(small, reference, tmp_path):
     return out
 
 
-@pytest.mark.parametrize("name", ["acts/resid", "pooled/mlp/mean", "docs/text", "docs/label", "tokens/token_id", "tokens/doc"])
+@pytest.mark.parametrize("name", ["acts/resid", "pooled/mlp/mean", "docs/text", "docs/label", "tokens/token_id", "tokens/doc", "tokens/kind"])
 def test_a_flipped_bit_is_found_by_queries_and_verify(store_copy, name):
     target = _shard_files(store_copy, name)[0]
     _flip(target, 1 if not name.startswith(("acts", "pooled")) else 7)
@@ -192,6 +192,7 @@ def test_a_flipped_bit_is_found_by_queries_and_verify(store_copy, name):
     args = {
         "acts/resid": ["variance", str(store_copy), "--tokens", "--layer", first, "--no-cache"],
         "pooled/mlp/mean": ["variance", str(store_copy), "--site", "mlp", "--layer", first, "--no-cache"],
+        "tokens/kind": ["variance", str(store_copy), "--tokens", "--skip-special", "--no-cache"],
     }.get(name, ["top-examples", str(store_copy), "--tokens", "--neuron", "0", "--layer", first])
     from cli.query import app as query_app
 
