@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"row": "raw write (buffered)", "rep": rep, "seconds": bw["buffered_seconds"], "cpu": None, "disk": nbytes})
                 results.append({"row": "raw write (fsync)", "rep": rep, "seconds": bw["fsync_seconds"], "cpu": None, "disk": nbytes})
                 for kind, comp, writers in plan[1:]:
+                    # each row starts with the previous one's dirty pages on disk: otherwise a row pays
+                    # for the writeback of the one before it (measured: up to 2.4x on this machine)
+                    os.sync()
+                    time.sleep(1)
                     if kind == "zarr":
                         r = row_zarr(zarr_like, comp, work)
                         results.append({"row": f"zarr alone {comp}", "rep": rep, **r})
