@@ -50,3 +50,18 @@ def test_a_store_from_a_newer_version_is_refused_in_one_line(old_store):
         res = runner.invoke(app, args)
         lines = res.stderr.strip().splitlines()
         assert res.exit_code == 2 and len(lines) == 1 and "teleportation" in lines[0] and "upgrade neurostore" in lines[0], res.output
+
+
+def test_a_store_of_this_layout_stays_readable(tmp_path):
+    """A store written on 2026-11-27 with every feature of the day: later versions must read it."""
+    out = tmp_path / "s.zarr"
+    shutil.copytree(FIXTURES / "store-2026-11-27.zarr", out)
+    store = neurostore.open(str(out))
+    assert set(store.meta["features"]) >= {"plan_v2", "checksums", "token_kind", "token_offsets"}
+    assert st.verify(store) == []
+    for args in (["variance", "--format", "json"], ["lape", "--site", "resid", "--top-rate", "0.1", "--skip-special", "--format", "json"],
+                 ["top-examples", "--neuron", "0", "--k", "3", "--format", "json"]):
+        res = runner.invoke(app, ["query", args[0], str(out), *args[1:]])
+        assert res.exit_code == 0, res.output
+    ex = json.loads(res.stdout)["examples"]
+    assert all(e["token"] for e in ex)
