@@ -91,6 +91,22 @@ def machine(workdir: Path | None = None, threads: int | None = None) -> dict:
     return info
 
 
+def jaccard(a: set, b: set) -> float:
+    """Overlap of two neuron sets (1.0 for two empty ones)."""
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def open_store(path: Path) -> Any:
+    """``neurostore.open`` without its incomplete-store warning (benchmarks open what they wrote)."""
+    import warnings
+
+    import neurostore
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return neurostore.open(str(path))
+
+
 def dir_bytes(path: Path) -> int:
     path = Path(path)
     if path.is_file():

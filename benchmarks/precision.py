@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +31,10 @@ SETTINGS = [  # (compute, store)
 ]
 
 
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
-
-
 def measure(path: Path) -> dict:
-    import neurostore
     from neurostore import query
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = neurostore.open(str(path))
+    s = common.open_store(path)
     lape = query.lape(s, "mlp", cache=False)
     contrast = query.select(s, "mlp", by="label", method="contrast", top=20, cache=False)
     last = s.sites["resid"]["layers"][-1]
@@ -68,12 +60,12 @@ def compare(ref: dict, got: dict) -> dict:
     langs = sorted(ref["lape"])
     labels = sorted(ref["contrast"])
     return {
-        "lape_jaccard": jaccard(set().union(*ref["lape"].values()), set().union(*got["lape"].values())),
-        "lape_jaccard_per_lang": float(np.mean([jaccard(ref["lape"][k], got["lape"].get(k, set())) for k in langs])),
-        "contrast_top20_jaccard": float(np.mean([jaccard(ref["contrast"][k], got["contrast"].get(k, set())) for k in labels])),
+        "lape_jaccard": common.jaccard(set().union(*ref["lape"].values()), set().union(*got["lape"].values())),
+        "lape_jaccard_per_lang": float(np.mean([common.jaccard(ref["lape"][k], got["lape"].get(k, set())) for k in langs])),
+        "contrast_top20_jaccard": float(np.mean([common.jaccard(ref["contrast"][k], got["contrast"].get(k, set())) for k in labels])),
         "variance_max_rel_diff": float(rel.max()),
         "variance_median_rel_diff": float(np.median(rel)),
-        "variance_top20_jaccard": jaccard(ref["top_variance"], got["top_variance"]),
+        "variance_top20_jaccard": common.jaccard(ref["top_variance"], got["top_variance"]),
         "nonfinite": sum(sum(v.values()) for v in got["nonfinite"].values()),
         "tiny_neurons": int(tiny.sum()),
     }

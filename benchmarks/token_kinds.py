@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,10 @@ from benchmarks import common
 SKIP = {"token_kind": ["text", "audio"]}  # what --skip-special sends to every query
 
 
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
-
-
 def measure(path: Path) -> dict:
-    import neurostore
     from neurostore import query
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = neurostore.open(str(path))
+    s = common.open_store(path)
     kind, doc = s.token_column("kind"), s.token_column("doc")
     lang, langs = s.doc_column("lang"), s.categories("lang")
     special = kind == 1
@@ -44,17 +36,17 @@ def measure(path: Path) -> dict:
     lape = [query.lape(s, "mlp", cache=False, where=w) for w in (None, SKIP)]
     sets = [{l: {tuple(x) for x in v} for l, v in r.neurons.items()} for r in lape]
     out["lape_sizes"] = [sum(map(len, x.values())) for x in sets]
-    out["lape_jaccard"] = jaccard({(l, *x) for l, v in sets[0].items() for x in v}, {(l, *x) for l, v in sets[1].items() for x in v})
-    out["lape_jaccard_per_lang"] = {l: jaccard(sets[0][l], sets[1].get(l, set())) for l in sets[0]}
+    out["lape_jaccard"] = common.jaccard({(l, *x) for l, v in sets[0].items() for x in v}, {(l, *x) for l, v in sets[1].items() for x in v})
+    out["lape_jaccard_per_lang"] = {l: common.jaccard(sets[0][l], sets[1].get(l, set())) for l in sets[0]}
     sel = [query.select(s, "mlp", by="label", method="contrast", top=20, rows="tokens", cache=False, where=w) for w in (None, SKIP)]
-    out["contrast_top20_jaccard"] = float(np.mean([jaccard({(a, b) for a, b, _ in sel[0].selected[g]}, {(a, b) for a, b, _ in sel[1].selected[g]})
+    out["contrast_top20_jaccard"] = float(np.mean([common.jaccard({(a, b) for a, b, _ in sel[0].selected[g]}, {(a, b) for a, b, _ in sel[1].selected[g]})
                                                    for g in sel[0].selected]))
     out["variance_top20_jaccard"] = {}
     for site in ("resid", "mlp"):
         layers = s.sites[site]["layers"]
         for layer in (layers[0], layers[-1]):
             top = [{n for n, _ in query.variance(s, site, layer, by="label", top=20, rows="tokens", cache=False, where=w).top} for w in (None, SKIP)]
-            out["variance_top20_jaccard"][f"{site} L{layer}"] = jaccard(*top)
+            out["variance_top20_jaccard"][f"{site} L{layer}"] = common.jaccard(*top)
     last = s.sites["resid"]["layers"][-1]
     x = np.asarray(s.acts("resid")[:, s.layer_index("resid", last)].compute(), dtype=np.float64)
     top_rows = np.argsort(-x, axis=0, kind="stable")[:20]  # [20, width]: each neuron's 20 top examples

@@ -21,6 +21,7 @@ from neurostore import moments as mo
 from neurostore import query as q
 from neurostore.extract import ExtractOptions, extract
 from synth import make_store
+from test_query_cli import as_json, run
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -30,17 +31,6 @@ TEXT, SPECIAL = 0, 1
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     return make_store(str(tmp_path_factory.mktemp("kinds") / "s.zarr"), n_docs=70, seed=11)
-
-
-def run(*args, ok=True):
-    res = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
-    return res
-
-
-def as_json(*args):
-    return json.loads(run(*args, "--format", "json").stdout)
 
 
 def one_line_error(args, message, code=2):
