@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors, output formats, the console."""
+"""What every command shares: one-line errors, output formats, the console (options: cli/options.py)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,6 @@ class OutputFormat(str, enum.Enum):
     table = "table"
     json = "json"
     csv = "csv"
-
-
-FORMAT_OPTION = typer.Option(
-    OutputFormat.table, "--format", help="How to print results: rich tables, one JSON object, or CSV."
-)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -108,21 +103,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def parse_int_list(value: str, option: str) -> list[int]:
-    """``"0,5,11"`` or ``"3-7"`` or mixtures; a clear error naming the option otherwise."""
-    out: list[int] = []
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            fail(f"{option} {value!r}: expected integers like 0,5,11 or 3-7")
-    return out

@@ -19,7 +19,8 @@ from rich.progress import (
 from rich.markup import escape
 from rich.text import Text
 
-from cli.common import FORMAT_OPTION, OutputFormat, console, err_console, fail, handle_errors, parse_int_list, print_json, print_table
+from cli.common import OutputFormat, console, err_console, fail, handle_errors, print_json, print_table
+from cli.options import FORMAT, parse_int_list
 from neurostore import store as st
 from neurostore.space import format_bytes
 
@@ -235,7 +236,7 @@ def _print_estimate(result: "Any", output: OutputFormat) -> None:
 def info_command(
     stores: list[str] = typer.Argument(..., help="A store, or several --part stores read as one."),
     verify: bool = typer.Option(False, "--verify", help="Read every committed row and check that the tables agree."),
-    output: OutputFormat = FORMAT_OPTION,
+    output: OutputFormat = FORMAT,
 ) -> None:
     """What a store holds: model, sites, layers, widths, counts per label and language, size on disk."""
     store = st.open(stores)

@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import FORMAT_OPTION, OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
+from cli.common import OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
+from cli.options import FORMAT
 
 
 class Mode(str, enum.Enum):
@@ -73,7 +74,7 @@ def intervene_command(
     label_col: str = typer.Option("label", "--label-col", help="Column holding the gold label."),
     lang_col: str = typer.Option("lang", "--lang-col", help="Column holding the language (optional; gives per-language accuracy)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-label accuracy change, selected vs controls (png, pdf, svg).", show_default=False),
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
 ) -> None:
     from neurostore import intervene as iv
     from neurostore import models as M

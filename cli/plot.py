@@ -12,8 +12,11 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import console, fail, handle_errors, parse_int_list
-from cli.query import ALL_LAYERS, BY, LABEL, LANG, LAYER, NO_CACHE, PER, POOL, SCHEDULER, SITE, STORES, TOKENS, WHERE, WITHIN, WORKERS, ZSCORE, common
+from cli.common import console, fail, handle_errors
+from cli.options import (
+    BY, CORRELATION, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, SCHEDULER, SITE, STORES,
+    THRESHOLD, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores, parse_int_list, run_options, selection,
+)
 
 app = typer.Typer(
     help="Figures for papers: per-neuron variance, correlation heatmaps, mean z per language, polyglot counts, LAPE per layer.",
@@ -73,7 +76,9 @@ def variance_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    sel = selection(pool, tokens, lang, label, where)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     per = "lang" if per_lang else per
     res = q.variance(store, site, layer, by=within or by, per=per, within=within is not None, zscore=zscore, top=top, **sel, **run)
     _save(plots.variance_figure(res), _target(out, out_dir, pdf, f"variance-{site}-L{res.layer}"))
@@ -86,7 +91,7 @@ def correlate_plot(
     site: str = SITE,
     layer: Optional[int] = LAYER,
     by: str = BY,
-    method: str = typer.Option("spearman", "--method", help="spearman (rank correlation) or cosine."),
+    method: str = CORRELATION,
     zscore: bool = ZSCORE,
     pool: Optional[str] = POOL,
     tokens: bool = TOKENS,
@@ -104,7 +109,9 @@ def correlate_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    sel = selection(pool, tokens, lang, label, where)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     res = q.correlate(store, site, layer, by=by, method=method, zscore=zscore, **sel, **run)
     _save(plots.correlation_figure(res), _target(out, out_dir, pdf, f"correlate-{site}-L{res.layer}"))
 
@@ -134,7 +141,9 @@ def means_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, None, where, scheduler, workers, no_cache)
+    sel = selection(pool, tokens, lang, None, where)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     gm = q.group_means(store, site, layer, by=by, zscore=zscore, **sel, **run)
     fig = plots.means_figure(gm, group, gm.top_neurons(group, top))
     _save(fig, _target(out, out_dir, pdf, f"means-{group}-{site}-L{gm.layer}"))
@@ -147,7 +156,7 @@ def polyglot_plot(
     site: str = SITE,
     layer: Optional[int] = LAYER,
     by: str = BY,
-    threshold: float = typer.Option(0.5, "--threshold", help="A neuron is above for (lang, label) when M > threshold."),
+    threshold: float = THRESHOLD,
     zscore: bool = ZSCORE,
     pool: Optional[str] = POOL,
     tokens: bool = TOKENS,
@@ -165,7 +174,9 @@ def polyglot_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache)
+    sel = selection(pool, tokens, lang, label, where)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     res = q.polyglot(store, site, layer, threshold=threshold, by=by, zscore=zscore, **sel, **run)
     _save(plots.polyglot_figure(res), _target(out, out_dir, pdf, f"polyglot-{site}-L{res.layer}"))
 
@@ -174,10 +185,10 @@ def polyglot_plot(
 @handle_errors
 def lape_plot(
     stores: list[str] = STORES,
-    site: str = typer.Option("mlp", "--site", help="Activation site (LAPE is defined on MLP neurons)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7.", show_default=ALL_LAYERS),
-    filter_rate: float = typer.Option(0.95, "--filter-rate", help="Quantile of all activation probabilities used as threshold t."),
-    top_rate: float = typer.Option(0.01, "--top-rate", help="Share of all neurons kept (lowest entropy)."),
+    site: str = LAPE_SITE,
+    layers: Optional[str] = LAPE_LAYERS,
+    filter_rate: float = LAPE_FILTER_RATE,
+    top_rate: float = TOP_RATE,
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
@@ -192,8 +203,9 @@ def lape_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    store, sel, run = common(stores, None, True, lang, label, where, scheduler, workers, no_cache)
-    sel.pop("rows")
+    sel = filters(lang, label, where)  # LAPE reads token rows
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     layer_list = parse_int_list(layers, "--layers") if layers else None
     res = q.lape(store, site, layer_list, filter_rate=filter_rate, top_rate=top_rate, **sel, **run)
     _save(plots.lape_figure(res), _target(out, out_dir, pdf, f"lape-{site}"))

@@ -10,7 +10,12 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import FORMAT_OPTION, OutputFormat, console, fail, handle_errors, parse_int_list, print_json, print_table, write_csv
+from cli.common import OutputFormat, console, fail, handle_errors, print_json, print_table, write_csv
+from cli.options import (
+    ALL_LAYERS, BY, CORRELATION, FORMAT, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, SCHEDULER,
+    SITE, SKIP_SPECIAL, STORES, THRESHOLD, TOKEN_KIND, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores,
+    parse_int_list, run_options, selection,
+)
 
 app = typer.Typer(
     help=(
@@ -20,80 +25,6 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
 )
-
-STORES = typer.Argument(..., help="The store, or several --part stores of one extraction read as one.", show_default=False)
-SITE = typer.Option("resid", "--site", help="Activation site: resid or mlp (whatever the store holds).")
-# Every option shows its default in --help; a computed one says how it is computed (show_default as
-# text: a "[default: ...]" inside the help string would be eaten as rich markup).
-LAYER = typer.Option(None, "--layer", help="Model layer number; negative counts back from the last.", show_default="last stored layer")
-POOL = typer.Option(None, "--pool", help="Sentence rows from this pooling: first, mean or last.", show_default="mean when stored")
-TOKENS = typer.Option(False, "--tokens", help="Token rows instead of sentences (each token takes its sentence's label and language).", show_default="off: sentence rows")
-LANG = typer.Option(None, "--lang", help="Keep these languages only (comma-separated or repeated).", show_default="all")
-LABEL = typer.Option(None, "--label", help="Keep these labels only (comma-separated or repeated).", show_default="all")
-WHERE = typer.Option(None, "--where", help="Keep rows where a stored categorical has these values: COLUMN=V1,V2 (repeatable).", show_default="no filter")
-BY = typer.Option("label", "--by", help="Grouping column: label, or any stored categorical (pred ...).")
-ZSCORE = typer.Option(True, "--zscore/--no-zscore", help="Standardise each neuron within each language first.")
-SCHEDULER = typer.Option(None, "--scheduler", help="Run the pass on this Dask distributed scheduler (tcp://host:8786).", show_default="local threads")
-WORKERS = typer.Option(None, "--workers", help="Local threads for the pass.", show_default="CPU count")
-NO_CACHE = typer.Option(False, "--no-cache", help="Neither read nor write the statistics cache in the store.", show_default="off: cache used")
-PER = typer.Option(None, "--per", help="Give the variance per language (--per lang).", show_default="pooled over languages")
-WITHIN = typer.Option(None, "--within", help="Per group of this column, the variance of z over the group's rows (--within label).", show_default="off: variance over group means")
-ALL_LAYERS = "all stored"
-TOKEN_KIND = typer.Option(None, "--token-kind", help="Keep token rows of these kinds only: text, special, audio (comma-separated or repeated; token rows only).", show_default="all kinds")
-SKIP_SPECIAL = typer.Option(False, "--skip-special", help="Leave out the tokenizer's special tokens ([CLS], [SEP], <s> ...): --token-kind with every kind but special.", show_default="off: special tokens counted")
-
-
-def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
-    if not values:
-        return None
-    return [v.strip() for value in values for v in value.split(",") if v.strip()]
-
-
-def parse_where(values: Optional[list[str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for value in values or []:
-        column, sep, names = value.partition("=")
-        if not sep or not column.strip() or not names.strip():
-            fail(f"--where {value!r}: expected COLUMN=VALUE[,VALUE...], e.g. --where pred=joy")
-        out.setdefault(column.strip(), []).extend(split_names([names]) or [])
-    return out
-
-
-def rows_option(pool: Optional[str], tokens: bool) -> Optional[str]:
-    if tokens and pool:
-        fail("--tokens and --pool exclude each other: rows are either tokens or pooled sentences")
-    return "tokens" if tokens else pool
-
-
-def open_stores(stores: list[str]) -> Any:
-    import neurostore
-
-    return neurostore.open(stores)
-
-
-def token_kind_option(token_kind: Optional[list[str]], skip_special: bool) -> Optional[list[str]]:
-    """The token kinds asked for (None: all rows); the library checks them against rows and store."""
-    from neurostore.store import TOKEN_KINDS
-
-    kinds = split_names(token_kind)
-    if kinds and skip_special:
-        fail("--token-kind and --skip-special exclude each other: --skip-special is --token-kind " + ",".join(k for k in TOKEN_KINDS if k != "special"))
-    return [k for k in TOKEN_KINDS if k != "special"] if skip_special else kinds
-
-
-def common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind=None, skip_special=False) -> tuple[Any, dict, dict]:
-    """(store, selection keywords, run keywords). Token kinds travel as ``where["token_kind"]``,
-    which every query function passes on to its selection."""
-    rows = rows_option(pool, tokens)
-    if workers is not None and workers < 1:
-        fail(f"--workers {workers}: expected at least 1")
-    kinds = token_kind_option(token_kind, skip_special)
-    store = open_stores(stores)
-    sel = {"rows": rows, "lang": split_names(lang), "label": split_names(label), "where": parse_where(where)}
-    if kinds:
-        sel["where"].setdefault("token_kind", []).extend(kinds)
-    run = {"scheduler": scheduler, "workers": workers, "cache": not no_cache}
-    return store, sel, run
 
 
 def title(res: Any, what: str) -> str:
@@ -125,7 +56,7 @@ def variance_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     token_kind: Optional[list[str]] = TOKEN_KIND,
@@ -135,7 +66,9 @@ def variance_command(
     """Per-neuron variance over label means of z, with the one-way ANOVA F; --within: per label."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     res = q.variance(store, site, layer, by=within or by, per=per, within=within is not None, zscore=zscore, top=top, **sel, **run)
     if fmt == OutputFormat.json:
         print_json(res.to_json())
@@ -172,14 +105,14 @@ def correlate_command(
     layer: Optional[int] = LAYER,
     by: str = BY,
     across: str = typer.Option("lang", "--across", help="Compare M between the values of this column (lang)."),
-    method: str = typer.Option("spearman", "--method", help="spearman (rank correlation) or cosine."),
+    method: str = CORRELATION,
     zscore: bool = ZSCORE,
     pool: Optional[str] = POOL,
     tokens: bool = TOKENS,
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     token_kind: Optional[list[str]] = TOKEN_KIND,
@@ -189,7 +122,9 @@ def correlate_command(
     """Per label, the language x language correlation of the mean-z profiles over neurons."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     res = q.correlate(store, site, layer, by=by, across=across, method=method, zscore=zscore, **sel, **run)
     if fmt == OutputFormat.json:
         print_json(res.to_json())
@@ -210,7 +145,7 @@ def polyglot_command(
     site: str = SITE,
     layer: Optional[int] = LAYER,
     by: str = BY,
-    threshold: float = typer.Option(0.5, "--threshold", help="A neuron is above for (lang, label) when M > threshold."),
+    threshold: float = THRESHOLD,
     sensitive_top: int = typer.Option(100, "--sensitive-top", help="The K highest-variance neurons count as label-sensitive."),
     zscore: bool = ZSCORE,
     pool: Optional[str] = POOL,
@@ -218,7 +153,7 @@ def polyglot_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     token_kind: Optional[list[str]] = TOKEN_KIND,
@@ -228,7 +163,9 @@ def polyglot_command(
     """Polyglot neurons (above threshold in every language) and monolingual ones, per label."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     res = q.polyglot(store, site, layer, threshold=threshold, by=by, sensitive_top=sensitive_top, zscore=zscore, **sel, **run)
     if fmt == OutputFormat.json:
         print_json(res.to_json())
@@ -251,14 +188,14 @@ def polyglot_command(
 @handle_errors
 def lape_command(
     stores: list[str] = STORES,
-    site: str = typer.Option("mlp", "--site", help="Activation site (LAPE is defined on MLP neurons)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 0,5,11 or 3-7.", show_default=ALL_LAYERS),
-    filter_rate: float = typer.Option(0.95, "--filter-rate", help="Quantile of all activation probabilities used as threshold t."),
-    top_rate: float = typer.Option(0.01, "--top-rate", help="Share of all neurons kept (lowest entropy)."),
+    site: str = LAPE_SITE,
+    layers: Optional[str] = LAPE_LAYERS,
+    filter_rate: float = LAPE_FILTER_RATE,
+    top_rate: float = TOP_RATE,
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     token_kind: Optional[list[str]] = TOKEN_KIND,
@@ -268,8 +205,9 @@ def lape_command(
     """Language-specific neurons by activation-probability entropy (token rows, all layers)."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, None, True, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
-    sel.pop("rows")
+    sel = filters(lang, label, where, token_kind, skip_special)  # LAPE reads token rows
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     layer_list = parse_int_list(layers, "--layers") if layers else None
     res = q.lape(store, site, layer_list, filter_rate=filter_rate, top_rate=top_rate, **sel, **run)
     if fmt == OutputFormat.json:
@@ -301,7 +239,7 @@ def select_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     token_kind: Optional[list[str]] = TOKEN_KIND,
@@ -311,7 +249,9 @@ def select_command(
     """Label-sensitive neurons by a selector: triples (layer, neuron, score) per group."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     layer_list = parse_int_list(layer, "--layer") if layer else None
     res = q.select(store, site, layer_list, by=by, method=method, top=top, zscore=zscore, filter_rate=filter_rate, **sel, **run)
     if fmt == OutputFormat.json:
@@ -337,7 +277,7 @@ def top_examples_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     token_kind: Optional[list[str]] = TOKEN_KIND,
@@ -346,8 +286,9 @@ def top_examples_command(
     """The tokens (default when stored) or sentences (--pool) that activate one neuron most."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, False, token_kind, skip_special)
-    run.pop("cache")
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    run = run_options(scheduler, workers)  # no cache: the pass keeps only the top rows
+    store = open_stores(stores)
     if sel["rows"] is None and store.meta["tokens"]:
         sel["rows"] = "tokens"
     res = q.top_examples_result(store, site, layer, neuron, k=k, **sel, **run)
@@ -387,7 +328,7 @@ def stats_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
-    fmt: OutputFormat = FORMAT_OPTION,
+    fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     token_kind: Optional[list[str]] = TOKEN_KIND,
@@ -397,7 +338,9 @@ def stats_command(
     """The raw group table per (language, group) and neuron: count, mean, std, P(act>0), quantiles."""
     from neurostore import query as q
 
-    store, sel, run = common(stores, pool, tokens, lang, label, where, scheduler, workers, no_cache, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    run = run_options(scheduler, workers, no_cache)
+    store = open_stores(stores)
     res = q.stats(store, site, layer, by=by, quantiles=quantiles, **sel, **run)
     picks = parse_int_list(neurons, "--neurons") if neurons else None
     width = res.mean.shape[-1]
