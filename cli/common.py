@@ -8,11 +8,23 @@ import functools
 import json
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from neurostore.errors import MACHINE_ERRNOS, NeurostoreError, io_fault
 
@@ -26,7 +38,7 @@ class OutputFormat(str, enum.Enum):
     csv = "csv"
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit non-zero: the user's mistake, not a traceback."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -103,3 +115,90 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+class RateColumn(ProgressColumn):
+    """tokens/s and MB/s since the bar started (raw activation bytes handed to the writer)."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0:
+            return Text("-- tok/s  -- MB/s", style="progress.data.speed")
+        tokens = task.fields.get("tokens", 0) / elapsed
+        mb = task.fields.get("bytes", 0) / elapsed / 1e6
+        return Text(f"{tokens:,.0f} tok/s  {mb:,.1f} MB/s", style="progress.data.speed")
+
+
+def run_extract(
+    paths: list[str],
+    out: str,
+    *,
+    model: Optional[str],
+    options: "Any",
+    corpus_options: Optional[dict] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    space_check: bool = True,
+    dry_run: bool = False,
+) -> Any:
+    """Run an extraction under a progress bar (sentences, tokens/s, MB/s, ETA) and print the summary
+    (extract and demo). Returns the library's result; a dry run's estimate is left to the caller."""
+    from neurostore.extract import extract
+
+    progress = Progress(
+        TextColumn("[bold]extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("sentences"),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    )
+    task = progress.add_task("extract", total=None, tokens=0, bytes=0)
+    state = {"tokens": 0, "bytes": 0}
+
+    def on_start(total_docs: int, total_tokens: int, done_docs: int, done_tokens: int) -> None:
+        progress.start()
+        progress.update(task, total=total_docs, completed=done_docs)
+        if done_docs:
+            err_console.print(f"resuming after {done_docs:,} committed sentences")
+
+    def on_batch(docs: int, tokens: int, nbytes: int) -> None:
+        state["tokens"] += tokens
+        state["bytes"] += nbytes
+        progress.update(task, advance=docs, tokens=state["tokens"], bytes=state["bytes"])
+
+    def on_warning(line: str) -> None:
+        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+
+    try:
+        result = extract(
+            paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
+            on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run,
+        )
+    except KeyboardInterrupt:
+        progress.stop()
+        fail(f"interrupted; continue with: neurostore extract ... --out {out} --resume", code=130)
+    finally:
+        progress.stop()
+    if dry_run:
+        return result
+    if result.already_complete:
+        console.print(f"{out}: already complete ({result.docs:,} sentences); nothing to do")
+        return result
+    meta = result.meta
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    skipped = meta["corpus"].get("skipped", 0)
+    console.print(
+        f"[green]done[/]: {result.docs:,} sentences, {result.tokens:,} tokens"
+        f" ({result.truncated:,} truncated at {meta['options']['max_length']} tokens"
+        + (f"; {skipped:,} unusable corpus rows skipped" if skipped else "")
+        + f") -> {out} in {result.seconds:.1f}s; see: neurostore info {out}"
+    )
+    return result

@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, handle_errors, print_table
-from cli.extract import SAMPLE_CORPUS
+from cli.common import console, handle_errors, print_table, run_extract
+from cli.options import SAMPLE_CORPUS
 
 
 @handle_errors
@@ -26,7 +26,6 @@ def demo_command(
     top: int = typer.Option(10, "--top", help="Neurons listed in the variance table."),
 ) -> None:
     """Extract the sample corpus and run the paper's analysis on it; figures land in OUT_DIR/figures."""
-    from cli.extract import run_extract
     from neurostore.extract import ExtractOptions
     from neurostore import open as open_store
     from neurostore import plots

@@ -1,4 +1,4 @@
-"""``neurostore extract`` and ``neurostore info``."""
+"""``neurostore extract``: stream a corpus's activations into a store."""
 
 from __future__ import annotations
 
@@ -6,41 +6,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.markup import escape
-from rich.text import Text
 
-from cli.common import OutputFormat, console, err_console, fail, handle_errors, print_json, print_table
-from cli.options import FORMAT, parse_int_list
-from neurostore import store as st
+from cli.common import OutputFormat, handle_errors, print_json, print_table, run_extract
+from cli.options import SAMPLE_CORPUS, parse_int_list, split_names
 from neurostore.space import format_bytes
-
-SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "emotions.jsonl"
-
-
-class RateColumn(ProgressColumn):
-    """tokens/s and MB/s since the bar started (raw activation bytes handed to the writer)."""
-
-    def render(self, task: Task) -> Text:
-        elapsed = task.elapsed or 0.0
-        if elapsed <= 0:
-            return Text("-- tok/s  -- MB/s", style="progress.data.speed")
-        tokens = task.fields.get("tokens", 0) / elapsed
-        mb = task.fields.get("bytes", 0) / elapsed / 1e6
-        return Text(f"{tokens:,.0f} tok/s  {mb:,.1f} MB/s", style="progress.data.speed")
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    return split_names([value]) if value else None
 
 
 @handle_errors
@@ -123,85 +96,12 @@ def extract_command(
     elif fmt is not None:
         raise NeurostoreError(f"--format {fmt!r}: use table or json (how --dry-run prints); the corpus format is --input-format")
     corpus_options = dict(fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col, lang=lang, skip_bad=skip_bad)
-    run_extract(
+    result = run_extract(
         paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite, quiet=quiet,
-        space_check=not no_space_check, dry_run=dry_run, output=output,
+        space_check=not no_space_check, dry_run=dry_run,
     )
-
-
-def run_extract(
-    paths: list[str],
-    out: str,
-    *,
-    model: Optional[str],
-    options: "Any",
-    corpus_options: Optional[dict] = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-    space_check: bool = True,
-    dry_run: bool = False,
-    output: OutputFormat = OutputFormat.table,
-) -> None:
-    """Run an extraction under a progress bar (sentences, tokens/s, MB/s, ETA) and print the summary."""
-    from neurostore.extract import extract
-
-    progress = Progress(
-        TextColumn("[bold]extract"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("sentences"),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=quiet,
-        transient=False,
-    )
-    task = progress.add_task("extract", total=None, tokens=0, bytes=0)
-    state = {"tokens": 0, "bytes": 0}
-
-    def on_start(total_docs: int, total_tokens: int, done_docs: int, done_tokens: int) -> None:
-        progress.start()
-        progress.update(task, total=total_docs, completed=done_docs)
-        if done_docs:
-            err_console.print(f"resuming after {done_docs:,} committed sentences")
-
-    def on_batch(docs: int, tokens: int, nbytes: int) -> None:
-        state["tokens"] += tokens
-        state["bytes"] += nbytes
-        progress.update(task, advance=docs, tokens=state["tokens"], bytes=state["bytes"])
-
-    def on_warning(line: str) -> None:
-        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
-
-    try:
-        result = extract(
-            paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
-            on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run,
-        )
-    except KeyboardInterrupt:
-        progress.stop()
-        fail(f"interrupted; continue with: neurostore extract ... --out {out} --resume", code=130)
-    finally:
-        progress.stop()
     if dry_run:
         _print_estimate(result, output)
-        return
-    if result.already_complete:
-        console.print(f"{out}: already complete ({result.docs:,} sentences); nothing to do")
-        return
-    meta = result.meta
-    for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
-    skipped = meta["corpus"].get("skipped", 0)
-    console.print(
-        f"[green]done[/]: {result.docs:,} sentences, {result.tokens:,} tokens"
-        f" ({result.truncated:,} truncated at {meta['options']['max_length']} tokens"
-        + (f"; {skipped:,} unusable corpus rows skipped" if skipped else "")
-        + f") -> {out} in {result.seconds:.1f}s; see: neurostore info {out}"
-    )
 
 
 def _print_estimate(result: "Any", output: OutputFormat) -> None:
@@ -232,66 +132,5 @@ def _print_estimate(result: "Any", output: OutputFormat) -> None:
     ])
 
 
-@handle_errors
-def info_command(
-    stores: list[str] = typer.Argument(..., help="A store, or several --part stores read as one."),
-    verify: bool = typer.Option(False, "--verify", help="Read every committed row and check that the tables agree."),
-    output: OutputFormat = FORMAT,
-) -> None:
-    """What a store holds: model, sites, layers, widths, counts per label and language, size on disk."""
-    store = st.open(stores)
-    info = st.summary(store)
-    problems = st.verify(store) if verify else None
-    if output == OutputFormat.json:
-        if problems is not None:
-            info["verify"] = {"ok": not problems, "problems": problems}
-        print_json(info)
-    else:
-        state = "[green]complete[/]" if info["complete"] else f"[yellow]incomplete[/] ({info['docs']:,} of {info['docs_total']:,} sentences committed)"
-        rows = [
-            ("store", ", ".join(info["paths"])),
-            ("model", f"{info['model']} ({info['model_type']}{', classifier' if info['classifier'] else ''})"),
-            ("state", state),
-            ("sentences", f"{info['docs']:,}"),
-            ("token rows", f"{info['token_rows']:,}" + ("" if info["tokens"] else " (not stored: --no-tokens)")),
-            ("truncated", f"{info['truncated']:,}"),
-            ("dtype", f"compute {info['compute_dtype']}, stored {info['store_dtype']}"),
-            ("non-finite", "none" if not info["nonfinite"] else "; ".join(
-                f"{name} {sum(v.values()):,} (layers {','.join(v)})" for name, v in info["nonfinite"].items())),
-            ("batches", "?" if info["real_token_share"] is None else f"{info['real_token_share']:.0%} of computed tokens real (plan v{info['plan']})"),
-            ("compression", f"{info['compression']}, " + (f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?")),
-            ("pooled", ", ".join(info["pool"]) or "none"),
-            *_corpus_rows(info),
-            ("features", (", ".join(info["features"]) or "none") + (f" (lacks {', '.join(info['lacks'])}: written by an older neurostore)" if info["lacks"] else "")),
-            ("activations", format_bytes(info["activation_bytes"])),
-            ("on disk", format_bytes(info["disk_bytes"])),
-        ]
-        print_table("store", ["", ""], rows, header=False)
-        print_table("sites", ["site", "layers", "n_layers", "width"], [(s, v["layers"], v["n_layers"], v["width"]) for s, v in info["sites"].items()])
-        for column, counts in info["counts"].items():
-            if counts:
-                print_table(f"sentences per {column}", [column, "sentences"], sorted(counts.items()))
-        if problems is not None:
-            if problems:
-                for p in problems:
-                    err_console.print(f"[red]problem:[/] {p}")
-            else:
-                console.print("[green]verify: every committed row is readable and consistent[/]")
-    if problems:
-        raise typer.Exit(1)
-
-
-def _corpus_rows(info: dict) -> list[tuple[str, str]]:
-    """Where labels and languages came from, and the rows --skip-bad left out (newer stores)."""
-    rows = []
-    options = {"label": "--label-col", "lang": "--lang-col"}
-    for key, source in (info.get("sources") or {}).items():
-        rows.append((f"{ {'label': 'labels', 'lang': 'languages'}[key]} from", source or f"[yellow]none[/] (not in the corpus; name the column with {options[key]})"))
-    if info.get("skipped") is not None:
-        rows.append(("skipped rows", f"{info['skipped']:,}" + (" (--skip-bad: empty or missing texts)" if info["skipped"] else "")))
-    return rows
-
-
 def register(app: typer.Typer) -> None:
     app.command("extract")(extract_command)
-    app.command("info")(info_command)

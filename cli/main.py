@@ -6,6 +6,7 @@ import typer
 
 from cli import demo as demo_cli
 from cli import extract as extract_cli
+from cli import info as info_cli
 from cli import intervene as intervene_cli
 from cli import plot as plot_cli
 from cli import query as query_cli
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 extract_cli.register(app)
+info_cli.register(app)
 app.add_typer(query_cli.app, name="query")
 app.add_typer(plot_cli.app, name="plot")
 intervene_cli.register(app)

@@ -8,6 +8,7 @@ text: a "[default: ...]" inside the help string would be eaten as rich markup).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -46,6 +47,7 @@ NO_CACHE = typer.Option(False, "--no-cache", help="Neither read nor write the st
 FORMAT = typer.Option(OutputFormat.table, "--format", help="How to print results: rich tables, one JSON object, or CSV.")
 
 # --- reading a corpus and running a model (extract, intervene, demo) -------------------------------
+SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "emotions.jsonl"
 INPUT_FORMAT = typer.Option(None, "--input-format", help="Corpus format: jsonl, csv, tsv or text.", show_default="from the extension")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda.")
 
