@@ -13,13 +13,14 @@ from typing import Optional
 import typer
 
 from cli.common import console, handle_errors, print_table, run_extract
-from cli.options import SAMPLE_CORPUS
+from cli.options import INPUT_FORMAT, SAMPLE_CORPUS
 
 
 @handle_errors
 def demo_command(
     out_dir: Path = typer.Option(Path("neurostore-demo"), "--out-dir", help="Folder for the store and the figures."),
     corpus: Path = typer.Option(SAMPLE_CORPUS, "--corpus", help="Labelled multilingual corpus (text, label, lang)."),
+    input_format: Optional[str] = INPUT_FORMAT,
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub name.", show_default="the packaged all-MiniLM-L6-v2"),
     pool: str = typer.Option("mean", "--pool", help="Sentence vectors the analysis reads: first or mean."),
     threshold: float = typer.Option(0.5, "--threshold", help="Polyglot threshold on mean z-scored activations."),
@@ -36,7 +37,7 @@ def demo_command(
     resume = store_path.exists()
     console.print(f"[bold]1. extract[/] {corpus} -> {store_path}" + (" (exists: resuming, nothing to do if complete)" if resume else ""))
     options = None if resume else ExtractOptions(sites=["resid", "mlp"], pool=["first", "mean"])
-    run_extract([str(corpus)], str(store_path), model=model, options=options, resume=resume)
+    run_extract([str(corpus)], str(store_path), model=model, options=options, corpus_options={"fmt": input_format}, resume=resume)
     store = open_store(str(store_path))
     figures = out_dir / "figures"
     layer = store.sites["resid"]["layers"][-1]

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from cli.common import OutputFormat, handle_errors, print_json, print_table, run_extract
-from cli.options import SAMPLE_CORPUS, parse_int_list, split_names
+from cli.options import DEVICE, INPUT_FORMAT, SAMPLE_CORPUS, parse_int_list, split_names
 from neurostore.space import format_bytes
 
 
@@ -39,13 +39,13 @@ def extract_command(
     store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Stored dtype: float16, bfloat16 (kept losslessly as uint16 bits) or float32. Values float16 cannot hold are counted and reported. \\[default: float16]", show_default=False),
     compression: Optional[str] = typer.Option(None, "--compression", help="Chunk compression: none, lz4 (bit-shuffled) or zstd[:LEVEL]. \\[default: lz4]", show_default=False),
     writers: int = typer.Option(0, "--writers", help="Threads that compress and write shards (0: one per core, 2 to 8). Does not change the stored bytes."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    device: str = DEVICE,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens; truncations are counted. \\[default: the model's limit]", show_default=False),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted and at least 80% real tokens. \\[default: auto from the device: 512 on CPU; 32768 on CUDA, less where a batch's activations pass 1 GiB]", show_default=False),
     buffer_mb: Optional[int] = typer.Option(None, "--buffer-mb", help="One window of activations, written and committed together (two are held). \\[default: auto from the device: 256 on CPU; on CUDA four batches' worth]", show_default=False),
     module_pattern: Optional[str] = typer.Option(None, "--module-pattern", help="Glob naming the modules whose outputs are the mlp site, for architectures not known, e.g. 'encoder.layer.*.intermediate'. \\[default: the known module of the model's family]", show_default=False),
     part: Optional[str] = typer.Option(None, "--part", help="Extract the i-th of N equal slices of the corpus (0-based, e.g. 0/4) into its own store; query the parts together. \\[default: the whole corpus]", show_default=False),
-    input_format: Optional[str] = typer.Option(None, "--input-format", help="Corpus format: jsonl, csv, tsv or text. \\[default: from the extension]", show_default=False),
+    input_format: Optional[str] = INPUT_FORMAT,
     fmt: Optional[str] = typer.Option(None, "--format", help="How --dry-run prints its estimate: table or json (jsonl, csv, tsv, text: the corpus format, as --input-format). \\[default: table]", show_default=False),
     text_col: str = typer.Option("text", "--text-col", help="Column holding the sentence."),
     label_col: str = typer.Option("label", "--label-col", help="Column holding the label (optional in the data)."),

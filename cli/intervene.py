@@ -13,7 +13,7 @@ from typing import Any, Optional
 import typer
 
 from cli.common import OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
-from cli.options import FORMAT
+from cli.options import DEVICE, FORMAT, INPUT_FORMAT
 
 
 class Mode(str, enum.Enum):
@@ -54,22 +54,22 @@ def intervene_command(
     model: str = typer.Option(..., "--model", "-m", help="A sequence-classification model: a local folder or a hub name."),
     neurons: str = typer.Option(..., "--neurons", help="A query JSON output (variance top, polyglot, lape, select) or layer:neuron pairs like 11:523,11:87 (with --site)."),
     site: Optional[str] = typer.Option(None, "--site", help="Site of a layer:neuron list: resid or mlp (a JSON file names its own).", show_default=False),
-    group: Optional[str] = typer.Option(None, "--group", help="Which label/language entry of the JSON to use (LABEL/LANG for monolingual polyglot neurons); also the default --target. [default: union of all entries]", show_default=False),
-    target: Optional[str] = typer.Option(None, "--target", help="Label (or language) whose accuracy drop is the self effect; the others give the cross effect. [default: --group]", show_default=False),
+    group: Optional[str] = typer.Option(None, "--group", help="Which label/language entry of the JSON to use (LABEL/LANG for monolingual polyglot neurons); also the default --target.", show_default="union of all entries"),
+    target: Optional[str] = typer.Option(None, "--target", help="Label (or language) whose accuracy drop is the self effect; the others give the cross effect.", show_default="--group"),
     mode: Mode = typer.Option(Mode.ablate, "--mode", help="ablate: set to 0; set: overwrite with --stat of --of (needs --stats); gain: multiply by --alpha."),
     alpha: float = typer.Option(2.0, "--alpha", help="Gain factor for --mode gain."),
     stat: Stat = typer.Option(Stat.mean, "--stat", help="Statistic written by --mode set: the group's mean, 10th or 90th percentile."),
-    of: Optional[str] = typer.Option(None, "--of", help="Group whose statistic --mode set writes: a label or language of the store (or label:NAME, lang:NAME, pred:NAME). [default: --target]", show_default=False),
+    of: Optional[str] = typer.Option(None, "--of", help="Group whose statistic --mode set writes: a label or language of the store (or label:NAME, lang:NAME, pred:NAME).", show_default="--target"),
     stats: Optional[str] = typer.Option(None, "--stats", help="Store of the same model and site: its cached group statistics feed --mode set; its site width and dtype are checked.", show_default=False),
     positions: Positions = typer.Option(Positions.all, "--positions", help="Act at every real token, or only the pooled position (first for encoders, last for decoders). Padding is never touched."),
     controls: int = typer.Option(0, "--controls", help="Random neuron sets of the same size per layer to run as controls.", min=0),
     seed: int = typer.Option(0, "--seed", help="Seed of the random controls."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float16, bfloat16 or float32 (autocast). [default: float16 on CUDA, float32 on CPU]", show_default=False),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens. [default: the model's limit]", show_default=False),
-    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted. [default: 512 on CPU, 32768 on CUDA]", show_default=False),
+    device: str = DEVICE,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float16, bfloat16 or float32 (autocast).", show_default="float16 on CUDA, float32 on CPU"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sentences to this many tokens.", show_default="the model's limit"),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted.", show_default="512 on CPU, 32768 on CUDA"),
     module_pattern: Optional[str] = typer.Option(None, "--module-pattern", help="Glob naming the modules whose outputs are the mlp site, for architectures not known.", show_default=False),
-    input_format: Optional[str] = typer.Option(None, "--input-format", help="Corpus format: jsonl, csv, tsv. [default: from the extension]", show_default=False),
+    input_format: Optional[str] = INPUT_FORMAT,
     text_col: str = typer.Option("text", "--text-col", help="Column holding the sentence."),
     label_col: str = typer.Option("label", "--label-col", help="Column holding the gold label."),
     lang_col: str = typer.Option("lang", "--lang-col", help="Column holding the language (optional; gives per-language accuracy)."),

@@ -132,6 +132,16 @@ def run_options(scheduler: Optional[str], workers: Optional[int], no_cache: Opti
     return run
 
 
+def renamed(value: Any, old_value: Any, name: str, old_name: str) -> tuple[Any, str]:
+    """An option given by its name or by its old, hidden one (kept for old scripts): the value, and
+    the name it came by, for messages."""
+    if old_value is None:
+        return value, name
+    if value is not None and value != old_value:
+        fail(f"{old_name} is the old name of {name}: give one of them")
+    return old_value, old_name
+
+
 def open_stores(stores: list[str]) -> Any:
     """The STORES argument as one store (several --part stores read as one)."""
     import neurostore

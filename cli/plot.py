@@ -15,7 +15,7 @@ import typer
 from cli.common import console, fail, handle_errors
 from cli.options import (
     BY, CORRELATION, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, SCHEDULER, SITE, STORES,
-    THRESHOLD, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores, parse_int_list, run_options, selection,
+    THRESHOLD, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores, parse_int_list, renamed, run_options, selection,
 )
 
 app = typer.Typer(
@@ -120,7 +120,7 @@ def correlate_plot(
 @handle_errors
 def means_plot(
     stores: list[str] = STORES,
-    group: str = typer.Option(..., "--label", help="The label (a value of --by) to draw.", show_default=False),
+    group: Optional[str] = typer.Option(None, "--group", help="The group to draw: a value of --by (a label; a language with --by lang). \\[required]", show_default=False),
     site: str = SITE,
     layer: Optional[int] = LAYER,
     by: str = BY,
@@ -136,15 +136,21 @@ def means_plot(
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
     no_cache: bool = NO_CACHE,
+    old_label: Optional[str] = typer.Option(None, "--label", hidden=True, help="Kept for old scripts: the old name of --group (--label filters rows elsewhere)."),
 ) -> None:
-    """Average z-activation per language for one label, each language's top neurons highlighted."""
+    """Average z-activation per language for one group (a label), each language's top neurons highlighted."""
     from neurostore import plots
     from neurostore import query as q
 
+    group, option = renamed(group, old_label, "--group", "--label")
+    if group is None:
+        fail("give --group GROUP: the value of --by to draw, e.g. --group joy")
     sel = selection(pool, tokens, lang, None, where)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     gm = q.group_means(store, site, layer, by=by, zscore=zscore, **sel, **run)
+    if group not in gm.groups:
+        fail(f"{option} {group}: the store has {', '.join(gm.groups)}")
     fig = plots.means_figure(gm, group, gm.top_neurons(group, top))
     _save(fig, _target(out, out_dir, pdf, f"means-{group}-{site}-L{gm.layer}"))
 

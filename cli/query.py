@@ -14,7 +14,7 @@ from cli.common import OutputFormat, console, fail, handle_errors, print_json, p
 from cli.options import (
     ALL_LAYERS, BY, CORRELATION, FORMAT, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, SCHEDULER,
     SITE, SKIP_SPECIAL, STORES, THRESHOLD, TOKEN_KIND, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores,
-    parse_int_list, run_options, selection,
+    parse_int_list, renamed, run_options, selection,
 )
 
 app = typer.Typer(
@@ -228,7 +228,7 @@ def lape_command(
 def select_command(
     stores: list[str] = STORES,
     site: str = SITE,
-    layer: Optional[str] = typer.Option(None, "--layer", help="Layers, like 11 or 0,5,11 or 3-7.", show_default=ALL_LAYERS),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 11 or 0,5,11 or 3-7.", show_default=ALL_LAYERS),
     by: str = BY,
     method: str = typer.Option("frequency", "--method", help="frequency, entropy, magnitude or contrast."),
     top: int = typer.Option(20, "--top", help="Neurons per group."),
@@ -245,6 +245,7 @@ def select_command(
     token_kind: Optional[list[str]] = TOKEN_KIND,
     skip_special: bool = SKIP_SPECIAL,
     no_cache: bool = NO_CACHE,
+    old_layer: Optional[str] = typer.Option(None, "--layer", hidden=True, help="Kept for old scripts: the old name of --layers."),
 ) -> None:
     """Label-sensitive neurons by a selector: triples (layer, neuron, score) per group."""
     from neurostore import query as q
@@ -252,7 +253,8 @@ def select_command(
     sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
-    layer_list = parse_int_list(layer, "--layer") if layer else None
+    layers, option = renamed(layers, old_layer, "--layers", "--layer")
+    layer_list = parse_int_list(layers, option) if layers else None
     res = q.select(store, site, layer_list, by=by, method=method, top=top, zscore=zscore, filter_rate=filter_rate, **sel, **run)
     if fmt == OutputFormat.json:
         print_json(res.to_json())
