@@ -549,16 +549,21 @@ class Store:
             )
         return self.sites[site]
 
-    def layer_index(self, site: str, layer: int) -> int:
-        """Position along the stored layer axis of a model layer number."""
+    def layer_number(self, site: str, layer: int | None, option: str = "--layer") -> int:
+        """The model layer number ``layer`` names: None is the last stored layer, a negative counts
+        back from it. The one place a ``--layer`` is resolved and checked."""
         layers = self.site(site)["layers"]
-        if layer < 0:
-            layer = layers[layer] if -len(layers) <= layer else layer
+        if layer is None:
+            return layers[-1]
+        if layer < 0 and -len(layers) <= layer:
+            return layers[layer]
         if layer not in layers:
-            raise NeurostoreError(
-                f"layer {layer} of site {site!r} is not in the store (stored layers: {_ranges(layers)})"
-            )
-        return layers.index(layer)
+            raise NeurostoreError(f"{option} {layer}: site {site!r} has layers {_ranges(layers)}")
+        return layer
+
+    def layer_index(self, site: str, layer: int | None) -> int:
+        """Position along the stored layer axis of a model layer number (see :meth:`layer_number`)."""
+        return self.site(site)["layers"].index(self.layer_number(site, layer))
 
     def _arrays(self, name: str, rows_key: str) -> list[tuple[zarr.Array, int]]:
         """The array ``name`` of every part, with that part's committed row count."""
@@ -839,7 +844,3 @@ def _activation_arrays(group: zarr.Group, meta: dict, docs: int, toks: int) -> l
             out.append((f"acts/{site}", toks))
         out += [(f"pooled/{site}/{p}", docs) for p in meta["pool"]]
     return out
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, indent=2, default=str)
