@@ -19,14 +19,13 @@ Or resolved once and passed on: ``plan=neurostore.plan.resolve(store, site, laye
 lang=..., label=..., where=..., token_kind=...)`` replaces the selection keywords (its ``by`` must be
 the analysis's), ``run=RunOptions(scheduler, workers, cache)`` the last three.
 
-Results are small dataclasses with ``to_json()`` giving the documented JSON objects. Definitions:
+Results are small dataclasses (:mod:`neurostore.results`) with ``to_json()`` giving the documented JSON objects. Definitions:
 ``docs/query.md``. Neuron ids are 0-based indices along the width axis.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,6 +37,19 @@ from . import sketch as sk
 from .errors import NeurostoreError
 from .provenance import provenance
 from .plan import ALL, MISSING, Plan, RunOptions, Selection, check_site, default_rows, resolve
+from .results import (
+    CONTEXT_CHARS,
+    Correlation,
+    Example,
+    GroupMeans,
+    GroupStats,
+    Lape,
+    Polyglot,
+    SelectedNeurons,
+    TopExamples,
+    VarianceResult,
+    check_count,
+)
 from .store import TOKEN_KINDS, Store
 
 
@@ -81,20 +93,8 @@ def _values(mom: mo.GroupMoments, zscore: bool) -> tuple[np.ndarray, np.ndarray,
     return mom.count, mom.mean, mom.m2
 
 
-def _clean(values: Any) -> Any:
-    """NaN / inf become None so the JSON is strict."""
-    arr = np.asarray(values, dtype=np.float64)
-    return [None if not np.isfinite(v) else float(v) for v in arr.ravel()] if arr.ndim == 1 else [_clean(r) for r in arr]
-
-
 # ----------------------------------------------------------------------------------------------
 # refusals: an analysis that would print numbers meaning nothing raises instead (docs/query.md)
-
-
-def _count(value: int | None, option: str) -> None:
-    """Counts of neurons or rows (``--top``, ``--k``, ``--sensitive-top``) are at least 1."""
-    if value is not None and (isinstance(value, bool) or value < 1):
-        raise NeurostoreError(f"{option} {value}: expected a count of at least 1")
 
 
 def _noun(by: str | None) -> str:
@@ -222,50 +222,6 @@ def _keep_langs(lang_ok: np.ndarray, n: np.ndarray, *arrays: np.ndarray) -> tupl
 # group moments as a table
 
 
-@dataclass
-class GroupStats:
-    """The raw group table of one layer: arrays ``[langs, groups, D]`` (quantiles may be None)."""
-
-    site: str
-    layer: int
-    rows: str
-    by: str | None
-    langs: list[str]
-    groups: list[str]
-    count: np.ndarray  # [langs, groups]
-    mean: np.ndarray
-    std: np.ndarray
-    p_active: np.ndarray
-    p10: np.ndarray | None = None
-    p50: np.ndarray | None = None
-    p90: np.ndarray | None = None
-    provenance: dict = field(default_factory=dict)
-
-    COLUMNS = ("lang", "group", "neuron", "count", "mean", "std", "p_active", "p10", "p50", "p90")
-
-    def table(self, neurons: Sequence[int] | None = None) -> list[list[Any]]:
-        D = self.mean.shape[-1]
-        picks = range(D) if neurons is None else neurons
-        out = []
-        for li, lang in enumerate(self.langs):
-            for gi, grp in enumerate(self.groups):
-                for d in picks:
-                    q = [None if self.p10 is None else float(a[li, gi, d]) for a in (self.p10, self.p50, self.p90)] if self.p10 is not None else [None] * 3
-                    out.append([lang, grp, int(d), int(self.count[li, gi]), float(self.mean[li, gi, d]), float(self.std[li, gi, d]), float(self.p_active[li, gi, d]), *q])
-        return out
-
-    def to_json(self) -> dict:
-        out = {
-            "site": self.site, "layer": self.layer, "rows": self.rows, "by": self.by, "langs": self.langs,
-            "groups": self.groups, "count": self.count.tolist(),
-        }
-        for key in ("mean", "std", "p_active", "p10", "p50", "p90"):
-            value = getattr(self, key)
-            out[key] = None if value is None else [[_clean(v) for v in per_lang] for per_lang in value]
-        out["provenance"] = self.provenance
-        return out
-
-
 def _group_stats(mom: mo.GroupMoments, layer: int, langs: list[str], groups: list[str], count, mean, m2, pos, vmin, vmax, hist) -> GroupStats:
     nb = count[..., None].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -349,36 +305,6 @@ def group_values(
 # variance
 
 
-@dataclass
-class VarianceResult:
-    """``variance``/``f``: ``[D]`` (``--by``), or ``[G, D]`` with ``groups`` (``--per lang``:
-    one row per language; ``--within``: one row per group, ``f`` None). ``top``: ``[(neuron,
-    value)]`` per row (a single list for ``[D]``)."""
-
-    site: str
-    layer: int
-    by: str
-    mode: str  # "by" | "per" | "within"
-    zscore: bool
-    variance: np.ndarray
-    f: np.ndarray | None
-    top: Any
-    groups: list[str] | None = None
-    provenance: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        out: dict[str, Any] = {"site": self.site, "layer": self.layer, "by": self.by, "mode": self.mode, "zscore": self.zscore}
-        if self.groups is None:
-            out.update(variance=_clean(self.variance), f=_clean(self.f), top=[[n, v] for n, v in self.top])
-        else:
-            out["groups"] = self.groups
-            out["variance"] = {g: _clean(self.variance[i]) for i, g in enumerate(self.groups)}
-            out["f"] = None if self.f is None else {g: _clean(self.f[i]) for i, g in enumerate(self.groups)}
-            out["top"] = {g: [[n, v] for n, v in self.top[i]] for i, g in enumerate(self.groups)}
-        out["provenance"] = self.provenance
-        return out
-
-
 def variance(
     store: Store, site: str = "resid", layer: int | None = None, *, by: str = "label",
     per: str | None = None, within: bool = False, zscore: bool = True, top: int | None = 20,
@@ -396,7 +322,7 @@ def variance(
     z-scoring (or ``per="lang"``), a language with rows of one group only."""
     if per not in (None, "lang"):
         raise NeurostoreError(f"--per {per}: only --per lang is supported")
-    _count(top, "--top")
+    check_count(top, "--top")
     mode = "within" if within else "per" if per == "lang" else "by"
     what = {"within": f"variance within each {_one(by)}", "per": f"variance over {_one(by)} means per language",
             "by": f"variance over {_one(by)} means"}[mode]
@@ -447,36 +373,6 @@ def variance(
 # M[l, e, d] and what derives from it
 
 
-@dataclass
-class GroupMeans:
-    """``M [langs, groups, D]``: mean of z (or raw) per language and group; NaN for empty groups."""
-
-    site: str
-    layer: int
-    by: str
-    zscore: bool
-    langs: list[str]
-    groups: list[str]
-    count: np.ndarray
-    M: np.ndarray
-    provenance: dict = field(default_factory=dict)
-
-    def top_neurons(self, group: str, k: int) -> dict[str, list[int]]:
-        """Per language, the ``k`` neurons with the highest ``M`` for ``group`` (highest first)."""
-        _count(k, "--top")
-        if group not in self.groups:
-            raise NeurostoreError(f"--label {group}: the store has {', '.join(self.groups)}")
-        e = self.groups.index(group)
-        return {l: [n for n, _ in an.top_k(self.M[i, e], k)] for i, l in enumerate(self.langs) if self.count[i, e] > 0}
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "by": self.by, "zscore": self.zscore, "langs": self.langs,
-            "groups": self.groups, "count": self.count.tolist(), "M": [[_clean(v) for v in per] for per in self.M],
-            "provenance": self.provenance,
-        }
-
-
 def group_means(
     store: Store, site: str = "resid", layer: int | None = None, *, by: str = "label", zscore: bool = True,
     rows: str | None = None, lang=None, label=None, where=None,
@@ -515,25 +411,6 @@ def _group_means(store: Store, site: str, layer: int | None, *, what: str, by: s
                       [g for g, ok in zip(mom.groups, group_ok) if ok], n[lang_ok][:, group_ok], M, prov), plan
 
 
-@dataclass
-class Correlation:
-    site: str
-    layer: int
-    method: str
-    across: list[str]
-    groups: list[str]
-    matrices: np.ndarray  # [groups, L, L]
-    mean: np.ndarray  # [L, L]
-    provenance: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "method": self.method, "across": self.across, "groups": self.groups,
-            "matrices": {g: _clean(self.matrices[i]) for i, g in enumerate(self.groups)}, "mean": _clean(self.mean),
-            "provenance": self.provenance,
-        }
-
-
 def correlate(
     store: Store, site: str = "resid", layer: int | None = None, *, by: str = "label", across: str = "lang",
     method: str = "spearman", zscore: bool = True, rows: str | None = None, lang=None, label=None, where=None,
@@ -557,30 +434,6 @@ def correlate(
     return Correlation(site, gm.layer, method, gm.langs, gm.groups, mats, an.nanmean_matrices(mats), gm.provenance)
 
 
-@dataclass
-class Polyglot:
-    site: str
-    layer: int
-    threshold: float
-    langs: list[str]
-    groups: list[str]
-    polyglot: dict[str, list[int]]
-    monolingual: dict[str, dict[str, list[int]]]
-    sensitive: list[int]
-    shares: dict[str, dict[str, float]]
-    provenance: dict = field(default_factory=dict)
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        return {g: {"polyglot": len(self.polyglot[g]), **{l: len(v) for l, v in self.monolingual[g].items()}} for g in self.groups}
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "threshold": self.threshold, "polyglot": self.polyglot,
-            "monolingual": self.monolingual, "counts": self.counts(),
-            "sensitive": {"neurons": self.sensitive, "shares": self.shares}, "provenance": self.provenance,
-        }
-
-
 def polyglot(
     store: Store, site: str = "resid", layer: int | None = None, *, threshold: float = 0.5, by: str = "label",
     sensitive_top: int = 100, zscore: bool = True, rows: str | None = None, lang=None, label=None, where=None,
@@ -594,7 +447,7 @@ def polyglot(
     Refused: fewer than 2 languages or 2 groups with rows, ``by="lang"``, ``sensitive_top < 1``.
     Left out with a warning: groups with rows in one language only; with z-scoring, languages with
     rows of one group only."""
-    _count(sensitive_top, "--sensitive-top")
+    check_count(sensitive_top, "--sensitive-top")
     run = _opts(run, scheduler, workers, cache)
     gm, plan = _group_means(store, site, layer, what="polyglot", by=by, zscore=zscore, rows=rows, lang=lang, label=label,
                       where=where, run=run, plan=plan, cross_lingual=True, min_groups=2,
@@ -617,31 +470,6 @@ def polyglot(
 
 # ----------------------------------------------------------------------------------------------
 # activation probability: LAPE and selectors
-
-
-@dataclass
-class Lape:
-    site: str
-    layers: list[int]
-    langs: list[str]
-    threshold: float
-    filter_rate: float
-    top_rate: float
-    neurons: dict[str, list[tuple[int, int]]]  # lang -> [(layer, neuron)]
-    P: np.ndarray = field(repr=False)  # [langs, layers, D]
-    H: np.ndarray = field(repr=False)
-    provenance: dict = field(default_factory=dict)
-
-    def per_layer(self) -> dict[str, list[int]]:
-        """Number of a language's neurons in each layer (in ``layers`` order)."""
-        return {l: [sum(1 for ly, _ in v if ly == layer) for layer in self.layers] for l, v in self.neurons.items()}
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layers, "layers": self.layers, "threshold": self.threshold,
-            "filter_rate": self.filter_rate, "top_rate": self.top_rate,
-            "neurons": {l: [[a, b] for a, b in v] for l, v in self.neurons.items()}, "provenance": self.provenance,
-        }
 
 
 def lape(
@@ -673,26 +501,6 @@ def lape(
     return Lape(site, list(mom.layers), names, res.threshold, filter_rate, top_rate, out, P, res.H, prov)
 
 
-@dataclass
-class SelectedNeurons:
-    """The result of :func:`select` (the neuron selector; the row selection is :class:`~neurostore.plan.Selection`)."""
-
-    site: str
-    layers: list[int]
-    by: str
-    method: str
-    selected: dict[str, list[tuple[int, int, float]]]
-    provenance: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layers if len(self.layers) > 1 else self.layers[0], "layers": self.layers,
-            "by": self.by, "method": self.method,
-            "selected": {g: [[a, b, c] for a, b, c in v] for g, v in self.selected.items()},
-            "provenance": self.provenance,
-        }
-
-
 def select(
     store: Store, site: str = "resid", layers: Sequence[int] | int | None = None, *, by: str = "label",
     method: str = "frequency", top: int = 20, zscore: bool = True, filter_rate: float = 0.95,
@@ -710,7 +518,7 @@ def select(
     language with rows of one group only (warning)."""
     if method not in an.SELECT_METHODS:
         raise NeurostoreError(f"--method {method}: expected one of {', '.join(an.SELECT_METHODS)}")
-    _count(top, "--top")
+    check_count(top, "--top")
     if not 0 < filter_rate <= 1:
         raise NeurostoreError(f"--filter-rate {filter_rate}: expected a share in (0, 1]")
     z = zscore and method == "magnitude"  # the other selectors read P(x > 0) of the raw activations
@@ -746,32 +554,6 @@ def select(
 # top examples
 
 
-# Characters of the sentence shown on each side of a token.
-CONTEXT_CHARS = 40
-
-
-@dataclass
-class Example:
-    row: int
-    doc: int
-    value: float
-    lang: str
-    label: str
-    text: str
-    position: int | None = None  # token position inside the sentence (token rows)
-    token_id: int | None = None
-    kind: str | None = None  # text, special or audio (stores that record token kinds)
-    token: str | None = None  # the token as written in the sentence, or a special token's string
-    left: str | None = None  # up to CONTEXT_CHARS characters before the token ("…" where cut)
-    right: str | None = None  # likewise after it
-
-    def context(self) -> str:
-        """``left [token] right`` for a token whose place is known, else the sentence."""
-        if self.token is None or self.left is None:
-            return self.text
-        return f"{self.left}[{self.token}]{self.right}"
-
-
 def top_examples(
     store: Store, site: str = "resid", layer: int | None = None, neuron: int = 0, *, k: int = 20,
     rows: str | None = None, lang=None, label=None, where=None, token_kind: Sequence[str] | None = None,
@@ -781,7 +563,7 @@ def top_examples(
     with their sentence, and for tokens the token and its neighbours in the sentence (from the
     character offsets stored at extraction: no tokenizer is loaded). Reads that neuron's layer
     once (one pass over its chunks)."""
-    _count(k, "--k")
+    check_count(k, "--k")
     if rows is None:
         rows = "tokens" if store.meta["tokens"] else default_rows(store)
     plan = _planned(store, plan, site, layer, single=True, rows=rows, by=None, lang=lang, label=label, where=where, token_kind=token_kind)
@@ -839,29 +621,9 @@ def _place_tokens(store: Store, examples: list[Example], positions: list[int]) -
         e.right = e.text[b:hi].replace("\n", " ") + ("…" if hi < len(e.text) else "")
 
 
-@dataclass
-class TopExamples:
-    """:func:`top_examples` with where they came from (the JSON of ``query top-examples``)."""
-
-    site: str
-    layer: int
-    neuron: int
-    examples: list[Example]
-    provenance: dict = field(default_factory=dict)
-
-    COLUMNS = ("row", "value", "lang", "label", "doc", "position", "token_id", "kind", "token", "left", "right", "text")
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "neuron": self.neuron,
-            "examples": [{c: getattr(e, c) for c in self.COLUMNS} for e in self.examples],
-            "provenance": self.provenance,
-        }
-
-
 def top_examples_result(store: Store, site: str = "resid", layer: int | None = None, neuron: int = 0, **options: Any) -> TopExamples:
     """:func:`top_examples` (same keywords) as a result with its provenance."""
-    _count(options.get("k"), "--k")
+    check_count(options.get("k"), "--k")
     plan = options.pop("plan", None)
     if plan is None:
         keys = {k: v for k, v in options.items() if k not in ("k", "scheduler", "workers", "run")}
