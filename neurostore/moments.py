@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -96,19 +96,6 @@ class GroupMoments:
     @property
     def width(self) -> int:
         return self.mean.shape[-1]
-
-    def layer(self, layer: int) -> "GroupMoments":
-        """The statistics of one model layer (shape ``[..., 1, width]``)."""
-        if layer not in self.layers:
-            raise NeurostoreError(f"layer {layer} was not part of this pass (layers {self.layers})")
-        i = self.layers.index(layer)
-        pick = slice(i, i + 1)
-        return replace(
-            self, layers=[layer], mean=self.mean[:, :, pick], m2=self.m2[:, :, pick],
-            pos=self.pos[:, :, pick], vmin=self.vmin[:, :, pick], vmax=self.vmax[:, :, pick],
-            hist=None if self.hist is None else self.hist[:, :, pick],
-            selection=self.selection.with_layers([layer]),
-        )
 
 
 # ----------------------------------------------------------------------------------------------
