@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,15 @@ def save_results(payload: dict, name: str, folder: Path | None = None) -> Path:
     path = folder / f"{name}-{now_stamp()}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def finish(payload: dict, name: str, results: str | Path, work: Path, keep: bool) -> int:
+    """Save the results JSON, say where, and remove the scratch folder unless it was given (``keep``)."""
+    path = save_results(payload, name, Path(results))
+    print(f"\nresults: {path}  ({payload['wall_seconds']:.0f} s)")
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

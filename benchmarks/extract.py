@@ -510,11 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "table_markdown": table,
         "wall_seconds": time.perf_counter() - started,
     }
-    path = common.save_results(payload, "extract-quick" if a.quick else "extract", Path(a.results))
-    print(f"\nresults: {path}  ({payload['wall_seconds']:.0f} s)")
-    if not a.work:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return common.finish(payload, "extract-quick" if a.quick else "extract", a.results, work, keep=bool(a.work))
 
 
 if __name__ == "__main__":

@@ -416,11 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                      "cold": "page cache of the store dropped (posix_fadvise DONTNEED) before each first query"},
         "load_average_at_end": os.getloadavg(), "sizes": out_sizes, "targets": goals, "table_markdown": table, "wall_seconds": time.perf_counter() - started,
     }
-    path = common.save_results(payload, "query-quick" if a.quick else "query", Path(a.results))
-    print(f"\nresults: {path}  ({payload['wall_seconds']:.0f} s)")
-    if not a.work:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return common.finish(payload, "query-quick" if a.quick else "query", a.results, work, keep=bool(a.work))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def intervene_command(
     )
     result.update(extra)
     if plot is not None:
-        from neurostore.plots_intervene import plot_intervention
+        from neurostore.plots import plot_intervention
 
         plot_intervention(result, plot)
     if fmt is OutputFormat.json:

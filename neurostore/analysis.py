@@ -289,31 +289,3 @@ def select(
         D = score.shape[-1]
         out.append([(i // D, i % D, v) for i, v in flat])
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# quantiles from the sketch
-
-
-def quantiles(hist: np.ndarray, vmin: np.ndarray, vmax: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
-    """Approximate quantiles from the asinh-grid histogram ``hist [..., bins]``: find the bin where
-    the cumulative count reaches q * n, interpolate linearly inside it (in asinh space), clip to the
-    exact [vmin, vmax]. Returns ``[len(qs), ...]``; NaN for empty groups."""
-    from .moments import HIST_RANGE, HIST_WIDTH
-
-    h = hist.astype(np.float64)
-    n = h.sum(axis=-1)
-    cum = np.cumsum(h, axis=-1)
-    out = []
-    for q in qs:
-        target = q * n
-        b = (cum < target[..., None]).sum(axis=-1)
-        b = np.minimum(b, h.shape[-1] - 1)
-        before = np.take_along_axis(cum, b[..., None], axis=-1)[..., 0] - np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
-        inbin = np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(inbin > 0, (target - before) / np.where(inbin > 0, inbin, 1), 0.5)
-        value = np.sinh(-HIST_RANGE + (b + np.clip(frac, 0, 1)) * HIST_WIDTH)
-        value = np.clip(value, vmin, vmax)
-        out.append(np.where(n > 0, value, np.nan))
-    return np.stack(out)

@@ -24,7 +24,7 @@ from . import __version__, batching, lock, models, space, transfer
 from . import store as st
 from .corpus import categories, read_corpus
 from .errors import MACHINE_ERRNOS, NeurostoreError, io_fault
-from .writer import Batch, Window, Writer
+from .writer import Batch, Window, Writer, kill_points
 
 # Options that decide what is stored and how it is batched: a resume must use the same ones.
 IDENTITY = (
@@ -190,6 +190,7 @@ def extract(
     space_check: bool = True,
     dry_run: bool = False,
     wrap_store: Callable[[Any], Any] | None = None,
+    kill_at: str | dict[str, int] | None = None,
 ) -> ExtractResult:
     """Extract activations of ``corpus_paths`` into the store at ``out``.
 
@@ -207,7 +208,10 @@ def extract(
 
     A full disk or an I/O error is a :class:`~neurostore.errors.Fault` (one line: what failed,
     where, the free space); every committed row stays, and ``resume=True`` completes the store.
-    ``wrap_store`` wraps the Zarr store every write goes through (tests inject faults with it).
+    ``wrap_store`` wraps the Zarr store every write goes through (tests inject faults with it);
+    ``kill_at`` (e.g. ``"flush:3"``, see :func:`writer.kill_points`) SIGKILLs the process at a write
+    point, for the resume tests. Where it is not given, the ``NEUROSTORE_FAULT`` environment variable
+    sets it (the way those tests reach a ``neurostore extract`` child process); read here only.
     """
     options = options or ExtractOptions()
     t_start = time.perf_counter()
@@ -220,8 +224,10 @@ def extract(
     target = st.zarr_store(out)
     if wrap_store is not None:
         target = wrap_store(target)
+    kills = kill_points(os.environ.get("NEUROSTORE_FAULT") if kill_at is None else kill_at)
     run = dict(model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
-               on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run, t_start=t_start)
+               on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run, t_start=t_start,
+               kill_at=kills)
     if dry_run:
         return _extract(corpus_paths, out, target, **run)
     _check_writable(out)
@@ -275,7 +281,7 @@ def _extract(
     corpus_paths: list[str], out: str, target: Any, *, model: str | models.LoadedModel | None, options: ExtractOptions,
     corpus_options: dict | None, resume: bool, overwrite: bool,
     on_start: Callable[[int, int, int, int], None] | None, on_batch: Callable[[int, int, int], None] | None,
-    on_warning: Callable[[str], None] | None, space_check: bool, dry_run: bool, t_start: float,
+    on_warning: Callable[[str], None] | None, space_check: bool, dry_run: bool, t_start: float, kill_at: dict[str, int],
 ) -> ExtractResult:
     """The extraction itself, with the store's lock held (but for a dry run)."""
     found = _existing(out, target, overwrite)
@@ -433,7 +439,8 @@ def _extract(
     _cap_heap_growth()
     window_tokens = max(int(n_tokens[d0:d1].sum()) for d0, d1 in windows)
     window_docs = max(d1 - d0 for d0, d1 in windows)
-    writer = Writer(group, meta, token_start, start_doc, (window_tokens, window_docs), on_batch=on_batch, writers=opts.writers)
+    writer = Writer(group, meta, token_start, start_doc, (window_tokens, window_docs), on_batch=on_batch, writers=opts.writers,
+                    kill_at=kill_at)
     t_loop = time.perf_counter()
     try:
         stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, writer)

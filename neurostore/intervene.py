@@ -45,17 +45,12 @@ from torch import nn
 
 from . import batching
 from . import models as M
-from .corpus import Corpus
+from .corpus import Corpus, read_corpus
 from .errors import NeurostoreError
-from .neurons import (  # noqa: F401 - re-exported: the neuron-set half of this module's API
-    SITES,
-    NeuronSet,
-    check_neuron_set,
-    load_neuron_set,
-    neuron_set_from_json,
-    parse_neuron_list,
-    random_controls,
-)
+from .neurons import NeuronSet, check_neuron_set, load_neuron_set, random_controls
+from .neurons import neuron_set_from_json  # noqa: F401 - tests read neuron sets through this module
+from .store import Store
+from .store import open as open_store
 
 MODES = ("ablate", "set", "gain")
 POSITIONS = ("all", "first", "last")
@@ -520,3 +515,90 @@ def evaluate(
         "controls": results,
         "controls_summary": summarise_controls(results),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# the workflow of ``neurostore intervene``
+
+
+def run(
+    corpus: Corpus | Sequence[str | Path],
+    model: str | M.LoadedModel,
+    neurons: str | NeuronSet,
+    *,
+    site: str | None = None,
+    group: str | None = None,
+    target: str | None = None,
+    mode: str = "ablate",
+    alpha: float = 2.0,
+    stat: str = "mean",
+    of: str | None = None,
+    stats: str | Path | Store | None = None,
+    positions: str = "all",
+    controls: int = 0,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str | None = None,
+    max_length: int | None = None,
+    max_batch_tokens: int | None = None,
+    module_pattern: str | None = None,
+    input_format: str | None = None,
+    text_col: str = "text",
+    label_col: str = "label",
+    lang_col: str = "lang",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Intervene on a neuron set of a sequence classifier and measure the effect, end to end: the
+    JSON-able result of ``neurostore intervene`` (:func:`evaluate`'s, plus ``stat``, ``of``,
+    ``stat_rows`` and ``stats`` in set mode).
+
+    ``corpus``: corpus files (read with ``input_format``, ``*_col``) or a read :class:`Corpus`;
+    ``model``: a name/folder (loaded on ``device``) or a loaded model; ``neurons``: a query JSON file,
+    ``layer:neuron`` pairs with ``site``, or a :class:`NeuronSet`; ``group`` picks the JSON's entry
+    and is the default ``target``; ``stats``: a store (path or opened) of the same model and site,
+    checked against the model, whose group statistics ``stat`` of ``of`` (default ``target``) set
+    mode writes. Warnings (empty set, positions that miss the pooled token, another model or dtype
+    in ``stats``) go through :mod:`warnings`."""
+    neuron_set = neurons if isinstance(neurons, NeuronSet) else load_neuron_set(neurons, site=site, group=group)
+    if neuron_set.n == 0:
+        warnings.warn("the neuron set is empty: the intervened model is the unmodified model", UserWarning, stacklevel=2)
+    target = target or (group.split("/")[0] if group else None)
+    if mode == "set" and stats is None:
+        raise NeurostoreError("--mode set needs --stats STORE (the group statistics to write)")
+    if mode == "set" and not (of or target):
+        raise NeurostoreError("--mode set needs --of GROUP (the label or language whose statistic to write)")
+    if not isinstance(corpus, Corpus):
+        corpus = read_corpus(list(corpus), fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col)
+    dev = model.device if isinstance(model, M.LoadedModel) else M.resolve_device(device)
+    torch_dtype = M.resolve_dtype(dtype, dev)
+    loaded = model if isinstance(model, M.LoadedModel) else M.load(model, dev)
+    if loaded.classes is None:
+        raise NeurostoreError(f"--model {loaded.name}: not a sequence classifier (its config names no ...ForSequenceClassification)")
+    pooled = pooled_position(loaded)
+    if positions != "all" and positions != pooled:
+        warnings.warn(
+            f"--positions {positions}: a {loaded.model_type} classifier reads the {pooled} token; "
+            f"use --positions {pooled} to act at the pooled position",
+            UserWarning,
+            stacklevel=2,
+        )
+    site_info = M.resolve_sites(loaded, [neuron_set.site], None, module_pattern)[neuron_set.site]
+    check_neuron_set(neuron_set, site_info.layers, site_info.width)
+    data = prepare(loaded, corpus, max_length=max_length, max_batch_tokens=max_batch_tokens)
+
+    values, extra = None, {}
+    if stats is not None:
+        store = stats if isinstance(stats, Store) else open_store(str(stats))
+        check_store(store, loaded, neuron_set.site, site_info.width, torch_dtype)
+        if mode == "set":
+            rows = stat_rows(store, positions)
+            values = group_statistic(store, neuron_set.site, sorted(neuron_set.layers), of or target, stat, rows=rows)
+            extra = {"stat": stat, "of": of or target, "stat_rows": rows,
+                     "stats": str(stats) if not isinstance(stats, Store) else store.paths[0]}
+    spec = Intervention(neuron_set, mode, alpha, values, positions)
+    result = evaluate(
+        loaded, data, spec, controls=controls, seed=seed, width=site_info.width, target=target, dtype=torch_dtype,
+        module_pattern=module_pattern, progress=progress,
+    )
+    result.update(extra)
+    return result

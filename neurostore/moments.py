@@ -12,12 +12,11 @@ Rows whose ``by`` value is missing (-1) are left out; rows with a missing langua
 language ``(missing)``. Filters drop rows before grouping; a token-kind filter drops token rows by
 ``tokens/kind`` (the runs of rows per group are then runs of kept token rows).
 
-Finalised statistics are cached inside the store under ``cache/<key>`` (one entry per layer; the key
-hashes site, layer, rows, grouping, filters, token kinds and the committed counts of every part, so an
-entry stops matching as soon as extraction commits more rows). Read-only stores just recompute.
-Entries carry checksums; a damaged one is dropped with a warning and recomputed.
+Finalised statistics are cached inside the store (:mod:`neurostore.cache`); :func:`group_moments`
+reads the cached layers and computes the others. The selection arrives resolved once as a
+:class:`~neurostore.plan.Plan` (or a :class:`~neurostore.plan.Selection` that is resolved here).
 
-Quantile sketch: a fixed 128-bin histogram over ``asinh(x)`` in ``[-8, 8]`` per group and neuron
+Quantile sketch (encoded and decoded in :mod:`neurostore.sketch`): a fixed 128-bin histogram over ``asinh(x)`` in ``[-8, 8]`` per group and neuron
 (bin width 0.125 in asinh space; values outside are clamped into the end bins), with linear
 interpolation inside a bin and the result clipped to the group's exact min and max. The error of a
 quantile is at most one bin: ``|asinh(q_est) - asinh(q_true)| <= 0.125`` for values within
@@ -28,29 +27,23 @@ command needs quantiles (``stats``, ``group_values(..., 'p10'|'p50'|'p90')``).
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import os
-import shutil
 import threading
 import uuid
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
+from . import cache as cache_mod
 from . import chunks as ch
 from . import sketch as sk
 from . import store as st
-from .errors import MACHINE_ERRNOS, NeurostoreError
-from .sketch import HIST_BINS, HIST_RANGE, HIST_WIDTH  # noqa: F401 - re-exported for readers of moments
+from .errors import NeurostoreError
+from .plan import Plan, RunOptions, Selection, plan_for
+from .sketch import HIST_BINS
 
 FAN_IN = 8
-MISSING = "(missing)"
-ALL = "(all)"
-CACHE_VERSION = 2  # 2: the streaming pass (run-grouped float64 sums, sketch by lookup table)
 
 # Dask runs ``workers`` tasks at once and each task reads one chunk through zarr's synchronous API.
 # Left at zarr's defaults, every task could fan out into zarr's own concurrency (async.concurrency=10
@@ -75,22 +68,6 @@ def _configure_zarr() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # what to reduce
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which rows and groups a pass reduces. ``rows`` is ``"tokens"`` or a pooling name;
-    ``token_kind``: the kinds of token rows kept (``store.TOKEN_KINDS`` names; None: every row)."""
-
-    site: str
-    layers: tuple[int, ...]
-    rows: str = "mean"
-    by: str | None = "label"
-    filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    token_kind: tuple[str, ...] | None = None
-
-    def with_layers(self, layers: Sequence[int]) -> "Selection":
-        return replace(self, layers=tuple(int(x) for x in layers))
 
 
 @dataclass
@@ -120,19 +97,6 @@ class GroupMoments:
     def width(self) -> int:
         return self.mean.shape[-1]
 
-    def layer(self, layer: int) -> "GroupMoments":
-        """The statistics of one model layer (shape ``[..., 1, width]``)."""
-        if layer not in self.layers:
-            raise NeurostoreError(f"layer {layer} was not part of this pass (layers {self.layers})")
-        i = self.layers.index(layer)
-        pick = slice(i, i + 1)
-        return replace(
-            self, layers=[layer], mean=self.mean[:, :, pick], m2=self.m2[:, :, pick],
-            pos=self.pos[:, :, pick], vmin=self.vmin[:, :, pick], vmax=self.vmax[:, :, pick],
-            hist=None if self.hist is None else self.hist[:, :, pick],
-            selection=self.selection.with_layers([layer]),
-        )
-
 
 # ----------------------------------------------------------------------------------------------
 # partials: chunk -> combine
@@ -148,12 +112,6 @@ def empty_partial(n_groups: int, width: int, hist: bool) -> dict:
         "vmax": np.full((n_groups, width), -np.inf),
         "hist": np.zeros((n_groups, width, HIST_BINS), np.uint32) if hist else None,
     }
-
-
-def hist_bins(x: np.ndarray) -> np.ndarray:
-    """Bin index of each value on the fixed asinh grid (the definition; the pass uses the
-    equivalent lookup tables of :mod:`neurostore.sketch`)."""
-    return sk.reference_bins(x)
 
 
 def _as_float64(x: np.ndarray, store_dtype: str, out: np.ndarray) -> np.ndarray:
@@ -345,14 +303,16 @@ def _group_order(gid: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.nda
     return order, groups, starts, counts
 
 
-def _tree(partials: list, name: str) -> Any:
-    """Delayed tree reduction of a list of delayed partials."""
+def _tree(partials: list, name: str, combine: Any = None, *args: Any) -> Any:
+    """Delayed tree reduction (fan-in ``FAN_IN``) of a list of delayed partials by ``combine``
+    (default :func:`merge`), called as ``combine(parts, *args)``."""
     from dask import delayed
 
+    combine = combine or merge
     level = 0
     while len(partials) > 1:
         partials = [
-            delayed(merge, pure=True)(partials[i:i + FAN_IN], dask_key_name=f"{name}-merge-{level}-{i}")
+            delayed(combine, pure=True)(partials[i:i + FAN_IN], *args, dask_key_name=f"{name}-merge-{level}-{i}")
             for i in range(0, len(partials), FAN_IN)
         ]
         level += 1
@@ -360,68 +320,22 @@ def _tree(partials: list, name: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# grouping and filters (small per-sentence tables, in memory)
-
-
-def group_codes(store: st.Store, sel: Selection) -> tuple[np.ndarray, list[str], list[str]]:
-    """Group index of every committed sentence (-1 = left out), language names, group names."""
-    lang = store.doc_column("lang").astype(np.int64)
-    lang_names = store.categories("lang")
-    if (lang < 0).any():
-        lang = np.where(lang < 0, len(lang_names), lang)
-        lang_names = lang_names + [MISSING]
-    if sel.by is None:
-        by, by_names = np.zeros_like(lang), [ALL]
-    else:
-        by_names = _categorical(store, sel.by, "--by")
-        by = store.doc_column(sel.by).astype(np.int64)
-    gid = np.where(by >= 0, lang * len(by_names) + by, -1)
-    for column, values in sel.filters:
-        names = _categorical(store, column, _filter_option(column))
-        codes = store.doc_column(column)
-        wanted = []
-        for v in values:
-            if v not in names:
-                raise NeurostoreError(
-                    f"{_filter_option(column)} {v}: column {column!r} has no value {v!r} (values: {', '.join(names)})"
-                )
-            wanted.append(names.index(v))
-        gid = np.where(np.isin(codes, wanted), gid, -1)
-    return gid.astype(np.int64), lang_names, by_names
-
-
-def _filter_option(column: str) -> str:
-    return f"--{column}" if column in ("lang", "label") else f"--where {column}"
-
-
-def _categorical(store: st.Store, column: str, option: str) -> list[str]:
-    try:
-        return store.categories(column)
-    except NeurostoreError:
-        known = [k for k in store.groups[0]["docs"].array_keys() if "categories" in store.groups[0][f"docs/{k}"].attrs]
-        raise NeurostoreError(
-            f"{option}: the store has no categorical column {column!r} (categorical: {', '.join(sorted(known))})"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------
 # the pass
 
 
-def compute(store: st.Store, sel: Selection, *, quantiles: bool = False, scheduler: Any = None, workers: int | None = None) -> GroupMoments:
-    """Run the out-of-core pass for ``sel`` (no cache). ``scheduler``: None (local threads,
-    ``workers`` of them), a ``distributed.Client``, or a scheduler address string.
+def compute(store: st.Store, sel: Selection | Plan, *, quantiles: bool = False, scheduler: Any = None, workers: int | None = None) -> GroupMoments:
+    """Run the out-of-core pass for ``sel`` (a selection or its plan; no cache). ``scheduler``:
+    None (local threads, ``workers`` of them), a ``distributed.Client``, or a scheduler address string.
 
     One task per block of rows (at most one shard) reads every selected layer of those rows and
     returns one partial per layer, so the graph grows with the rows, not with rows x layers x
     statistics; partials merge in a tree of fan-in ``FAN_IN``."""
-    spec = store.site(sel.site)
-    width = spec["width"]
-    lis = tuple(store.layer_index(sel.site, layer) for layer in sel.layers)
-    gid_docs, lang_names, by_names = group_codes(store, sel)
+    plan = plan_for(store, sel)
+    sel = plan.selection
+    width, lis = plan.width, plan.indices
+    gid_docs, lang_names, by_names = plan.codes, plan.langs, plan.groups
     n_groups = len(lang_names) * len(by_names)
     tokens = sel.rows == "tokens"
-    _check_rows(store, sel)
     from dask import delayed
 
     token = uuid.uuid4().hex[:12]
@@ -455,17 +369,6 @@ def compute(store: st.Store, sel: Selection, *, quantiles: bool = False, schedul
         parts = [delayed(lambda: [empty_partial(n_groups, width, quantiles) for _ in lis])(dask_key_name=f"ns-{token}-empty")]
     (results,) = _run([_tree(parts, f"ns-{token}")], scheduler, workers)
     return _assemble(sel, lang_names, by_names, results, quantiles)
-
-
-def _check_rows(store: st.Store, sel: Selection) -> None:
-    """The errors of ``store.acts`` / ``store.pooled`` (no token rows, unknown site or pooling)
-    without building their dask arrays: importing ``dask.array`` alone costs ~0.5 s of a query."""
-    store.site(sel.site)
-    if sel.rows == "tokens":
-        if not store.meta["tokens"]:
-            store.acts(sel.site)
-    elif sel.rows not in store.meta["pool"]:
-        store.pooled(sel.site, sel.rows)
 
 
 # Rows per task: a shard (its index read once), split into chunk-aligned pieces while the pass
@@ -587,162 +490,28 @@ def _assemble(sel: Selection, lang_names: list[str], by_names: list[str], result
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# cache
-
-
-def cache_key(store: st.Store, sel: Selection, layer: int) -> tuple[str, dict]:
-    """Hash of everything the statistics depend on, including every part's committed counts."""
-    slice_ = {
-        "v": CACHE_VERSION, "site": sel.site, "layer": int(layer), "rows": sel.rows, "by": sel.by,
-        "filters": sorted([c, sorted(v)] for c, v in sel.filters),
-        "parts": [[m["corpus"].get("part"), m["corpus"].get("fingerprint")] for m in store.metas],
-    }
-    if sel.token_kind is not None:  # absent for every row, so the keys of unfiltered passes stay as they were
-        slice_["token_kind"] = sorted(sel.token_kind)
-    counts = [[m["committed_docs"], m["committed_tokens"]] for m in store.metas]
-    full = dict(slice_, counts=counts)
-    digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:20]
-    return digest, slice_
-
-
-def _read_cache(store: st.Store, sel: Selection, layer: int, quantiles: bool) -> dict | None:
-    """A cached entry, or None; a damaged one (checksum, truncated, bad metadata) is dropped with one
-    warning and recomputed: the cache of a full store is derived data, never worth an error."""
-    key, _ = cache_key(store, sel, layer)
-    try:
-        entry = store.groups[0][f"cache/{key}"]
-    except (KeyError, FileNotFoundError):
-        return None
-    except Exception as err:  # noqa: BLE001 - damaged metadata of the entry
-        return _damaged_entry(store, key, err)
-    try:
-        attrs = dict(entry.attrs)
-        if not attrs.get("ok") or (quantiles and not attrs.get("hist")):
-            return None
-        out = {k: np.asarray(entry[k][...]) for k in ("count", "mean", "m2", "pos", "vmin", "vmax")}
-        out["hist"] = np.asarray(entry["hist"][...]) if quantiles else None
-        out["langs"], out["groups"] = attrs["langs"], attrs["groups"]
-    except Exception as err:  # noqa: BLE001 - a checksum mismatch, a truncated chunk, a missing array
-        return _damaged_entry(store, key, err)
-    return out
-
-
-def _damaged_entry(store: st.Store, key: str, err: BaseException) -> None:
-    text = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
-    warnings.warn(f"{store.paths[0]}: cached statistics cache/{key} are damaged ({text}); recomputing them", stacklevel=3)
-    return None
-
-
-def _open_writable(path: str) -> Any:
-    import zarr
-
-    return zarr.open_group(path, mode="r+")
-
-
-def _write_cache(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
-    """Write one entry per layer into the first part; False where that did not happen.
-
-    A local entry is written under a temporary name and renamed into place, so a reader never sees
-    half an entry and concurrent queries need no lock. A store that cannot be written (read-only
-    shared storage) is skipped silently; a full disk or an I/O error is one warning: the result is
-    the same without the cache."""
-    try:
-        root = _open_writable(store.paths[0])
-        cache = _cache_group(root)
-        folder = _local_folder(root, "cache")
-        for i, layer in enumerate(mom.layers):
-            key, slice_ = cache_key(store, sel, layer)
-            _drop_stale(cache, folder, key, slice_)
-            arrays = {
-                "count": mom.count, "mean": mom.mean[:, :, i], "m2": mom.m2[:, :, i], "pos": mom.pos[:, :, i],
-                "vmin": mom.vmin[:, :, i], "vmax": mom.vmax[:, :, i],
-            }
-            if mom.hist is not None:
-                arrays["hist"] = mom.hist[:, :, i]
-            attrs = {"ok": True, "slice": slice_, "hist": mom.hist is not None, "langs": mom.langs, "groups": mom.groups}
-            _write_entry(cache, folder, key, arrays, attrs)
-        return True
-    except OSError as err:
-        if err.errno in MACHINE_ERRNOS and err.errno != errno.EROFS:
-            warnings.warn(f"{store.paths[0]}: could not write the statistics cache ({err.strerror}); the results are not affected", stacklevel=2)
-        return False
-    except Exception:  # noqa: BLE001 - read-only store, remote store without credentials ...: recompute next time
-        return False
-
-
-def _cache_group(root: Any) -> Any:
-    """The store's ``cache`` group; one whose own metadata is damaged is removed and made again."""
-    try:
-        return root.require_group("cache")
-    except (ValueError, TypeError):
-        folder = _local_folder(root, "cache")
-        if folder is None:
-            raise
-        shutil.rmtree(folder)
-        return root.require_group("cache")
-
-
-def _local_folder(root: Any, name: str) -> str | None:
-    base = getattr(root.store, "root", None)
-    return None if base is None else os.path.join(str(base), root.path, name) if root.path else os.path.join(str(base), name)
-
-
-def _drop_stale(cache: Any, folder: str | None, key: str, slice_: dict) -> None:
-    """Entries of the same slice at other committed counts are stale; damaged ones go too."""
-    names = sorted(os.listdir(folder)) if folder is not None and os.path.isdir(folder) else list(cache.group_keys())
-    for old in names:
-        if old == key or old.startswith(".") or old == "zarr.json":
-            continue
-        try:
-            stale = dict(cache[old].attrs).get("slice") == slice_
-        except Exception:  # noqa: BLE001 - damaged: nothing can ever read it
-            stale = folder is not None
-        if stale:
-            if folder is not None:
-                shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
-            else:
-                del cache[old]
-
-
-def _write_entry(cache: Any, folder: str | None, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    name = f".tmp-{uuid.uuid4().hex}" if folder is not None else key
-    try:
-        entry = cache.require_group(name)
-        entry.attrs.update({"ok": False})
-        for array, value in arrays.items():
-            entry.create_array(array, data=np.ascontiguousarray(value), compressors=st.table_codecs(), overwrite=True)
-        entry.attrs.update(attrs)
-        if folder is None:
-            return
-        final, old = os.path.join(folder, key), os.path.join(folder, f".old-{uuid.uuid4().hex}")
-        if os.path.exists(final):
-            os.rename(final, old)
-        os.rename(os.path.join(folder, name), final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if folder is not None:
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-
-
 def group_moments(
-    store: st.Store, sel: Selection, *, quantiles: bool = False, scheduler: Any = None,
-    workers: int | None = None, cache: bool = True,
+    store: st.Store, sel: Selection | Plan, *, quantiles: bool = False, run: RunOptions | None = None,
+    scheduler: Any = None, workers: int | None = None, cache: bool = True,
 ) -> GroupMoments:
-    """Grouped statistics of ``sel``: cached layers are read from the store, the others computed
-    in one pass (and cached where the store is writable)."""
+    """Grouped statistics of ``sel`` (a selection or its plan): cached layers are read from the
+    store, the others computed in one pass (and cached where the store is writable). ``run``, where
+    given, replaces ``scheduler``, ``workers`` and ``cache``."""
+    run = run or RunOptions(scheduler, workers, cache)
+    plan = plan_for(store, sel)
+    sel = plan.selection
     cached: dict[int, dict] = {}
-    if cache:
+    if run.cache:
         for layer in sel.layers:
-            hit = _read_cache(store, sel, layer, quantiles)
+            hit = cache_mod.read(store, sel, layer, quantiles)
             if hit is not None:
                 cached[layer] = hit
     missing = [layer for layer in sel.layers if layer not in cached]
     fresh = None
     if missing:
-        fresh = compute(store, sel.with_layers(missing), quantiles=quantiles, scheduler=scheduler, workers=workers)
-        if cache:
-            _write_cache(store, sel.with_layers(missing), fresh)
+        fresh = compute(store, plan.with_layers(missing), quantiles=quantiles, scheduler=run.scheduler, workers=run.workers)
+        if run.cache:
+            cache_mod.write(store, sel.with_layers(missing), fresh)
     if not cached:
         return fresh
     langs = next(iter(cached.values()))["langs"] if fresh is None else fresh.langs
@@ -792,16 +561,24 @@ def _top_merge(parts: Sequence[tuple], k: int) -> tuple:
     return _best(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), k)
 
 
-def top_rows(store: st.Store, sel: Selection, neuron: int, k: int, keep_docs: np.ndarray, *, scheduler: Any = None, workers: int | None = None) -> list[tuple[int, float]]:
+def top_rows(
+    store: st.Store, sel: Selection | Plan, neuron: int, k: int, keep_docs: np.ndarray | None = None, *,
+    scheduler: Any = None, workers: int | None = None, run: RunOptions | None = None,
+) -> list[tuple[int, float]]:
     """``[(row, value)]`` of the ``k`` highest activations of one neuron of ``sel.layers[0]`` over
-    the rows of kept sentences (row = global token or sentence index; token rows of the kinds in
-    ``sel.token_kind`` only), highest first."""
+    the rows of kept sentences (``keep_docs``; default: those of the plan's groups; row = global
+    token or sentence index; token rows of the kinds in ``sel.token_kind`` only), highest first."""
     from dask import delayed
 
     if k < 1:
         raise NeurostoreError(f"--k {k}: expected at least 1")
+    run = run or RunOptions(scheduler, workers)
+    plan = plan_for(store, sel)
+    sel = plan.selection
+    if keep_docs is None:
+        keep_docs = plan.codes >= 0
     tokens = sel.rows == "tokens"
-    li = store.layer_index(sel.site, sel.layers[0])
+    li = plan.indices[0]
     token = uuid.uuid4().hex[:12]
     parts: list = []
     doc_shift = row_shift = 0
@@ -828,9 +605,5 @@ def top_rows(store: st.Store, sel: Selection, neuron: int, k: int, keep_docs: np
         row_shift += rows
     if not parts:
         return []
-    level = 0
-    while len(parts) > 1:
-        parts = [delayed(_top_merge, pure=True)(parts[i:i + FAN_IN], k, dask_key_name=f"nst-{token}-merge-{level}-{i}") for i in range(0, len(parts), FAN_IN)]
-        level += 1
-    values, rows_ = _run(parts, scheduler, workers)[0]
+    values, rows_ = _run([_tree(parts, f"nst-{token}", _top_merge, k)], run.scheduler, run.workers)[0]
     return [(int(r), float(v)) for v, r in zip(values, rows_)]

@@ -13,15 +13,19 @@ Every function takes the same selection keywords and runs (at most) one out-of-c
     zscore    standardise each neuron within each language first (default True)
     scheduler None (local threads), a ``distributed.Client`` or a scheduler address
     workers   local threads (default: CPU count)
+    cache     read and write the store's statistics cache (default True)
 
-Results are small dataclasses with ``to_json()`` giving the documented JSON objects. Definitions:
+Or resolved once and passed on: ``plan=neurostore.plan.resolve(store, site, layer, rows=..., by=...,
+lang=..., label=..., where=..., token_kind=...)`` replaces the selection keywords (its ``by`` must be
+the analysis's), ``run=RunOptions(scheduler, workers, cache)`` the last three.
+
+Results are small dataclasses (:mod:`neurostore.results`) with ``to_json()`` giving the documented JSON objects. Definitions:
 ``docs/query.md``. Neuron ids are 0-based indices along the width axis.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,115 +33,56 @@ import numpy as np
 from . import analysis as an
 from . import chunks as ch
 from . import moments as mo
+from . import sketch as sk
 from .errors import NeurostoreError
 from .provenance import provenance
-from .store import TOKEN_KINDS, Store, _ranges
+from .plan import ALL, MISSING, Plan, RunOptions, Selection, check_site, default_rows, resolve
+from .results import (
+    CONTEXT_CHARS,
+    Correlation,
+    Example,
+    GroupMeans,
+    GroupStats,
+    Lape,
+    Polyglot,
+    SelectedNeurons,
+    TopExamples,
+    VarianceResult,
+    check_count,
+)
+from .store import TOKEN_KINDS, Store
 
 
 # ----------------------------------------------------------------------------------------------
-# selections
-
-
-def default_rows(store: Store) -> str:
-    pools = store.meta["pool"]
-    if "mean" in pools:
-        return "mean"
-    if pools:
-        return pools[0]
-    return "tokens"
-
-
-def check_site(store: Store, site: str) -> None:
-    if site not in store.sites:
-        raise NeurostoreError(f"--site {site}: not in the store (stored: {', '.join(store.sites)})")
-
-
-def resolve_layer(store: Store, site: str, layer: int | None, option: str = "--layer") -> int:
-    """A model layer number of ``site`` (None = the last stored layer; negatives count back)."""
-    check_site(store, site)
-    layers = store.site(site)["layers"]
-    if layer is None:
-        return layers[-1]
-    if layer < 0 and -len(layers) <= layer:
-        return layers[layer]
-    if layer not in layers:
-        raise NeurostoreError(f"{option} {layer}: site {site!r} has layers {_ranges(layers)}")
-    return layer
-
-
-def resolve_layers(store: Store, site: str, layers: Sequence[int] | int | None) -> list[int]:
-    check_site(store, site)
-    if layers is None:
-        return list(store.site(site)["layers"])
-    if isinstance(layers, int):
-        layers = [layers]
-    return [resolve_layer(store, site, x) for x in layers]
+# the plan: options resolved once (neurostore.plan), then read by the pass, the cache and the checks
 
 
 def selection(
     store: Store, site: str, layers: Sequence[int] | int | None = None, *, rows: str | None = None,
     by: str | None = "label", lang: Sequence[str] | None = None, label: Sequence[str] | None = None,
     where: dict[str, Sequence[str]] | None = None, token_kind: Sequence[str] | None = None,
-) -> mo.Selection:
-    """Check the options against the store and build a :class:`~neurostore.moments.Selection`.
-
-    ``token_kind`` (or ``where["token_kind"]``, the way the query functions pass it on) keeps
-    token rows of these kinds only."""
-    check_site(store, site)
-    rows = rows or default_rows(store)
-    if rows == "tokens":
-        if not store.meta["tokens"]:
-            raise NeurostoreError("--tokens: the store holds pooled vectors only (extracted with --no-tokens)")
-    elif rows not in store.meta["pool"]:
-        stored = ", ".join(store.meta["pool"]) or "none"
-        raise NeurostoreError(f"--pool {rows}: pooling not in the store (stored: {stored})")
-    where = dict(where or {})
-    kinds = token_kinds(store, rows, [*(token_kind or []), *(where.pop("token_kind", None) or [])])
-    filters: dict[str, list[str]] = {}
-    if lang:
-        filters["lang"] = list(lang)
-    if label:
-        filters["label"] = list(label)
-    for column, values in (where or {}).items():
-        filters.setdefault(column, []).extend(values)
-    sel = mo.Selection(
-        site=site, layers=tuple(resolve_layers(store, site, layers)), rows=rows, by=by,
-        filters=tuple(sorted((c, tuple(sorted(set(v)))) for c, v in filters.items())), token_kind=kinds,
-    )
-    mo.group_codes(store, sel)  # validates the grouping and filter columns now, with clear errors
-    return sel
+) -> Selection:
+    """The checked :class:`~neurostore.plan.Selection` of these options (see :func:`neurostore.plan.resolve`)."""
+    return resolve(store, site, layers, rows=rows, by=by, lang=lang, label=label, where=where, token_kind=token_kind).selection
 
 
-def token_kinds(store: Store, rows: str, kinds: Sequence[str]) -> tuple[str, ...] | None:
-    """The token kinds kept (in ``TOKEN_KINDS`` order), checked against the rows and the store;
-    None where every row is kept (no filter: the default, and the same cache entries)."""
-    if not kinds:
-        return None
-    for kind in kinds:
-        if kind not in TOKEN_KINDS:
-            raise NeurostoreError(f"--token-kind {kind}: not a token kind (kinds: {', '.join(TOKEN_KINDS)})")
-    if rows != "tokens":
-        raise NeurostoreError(
-            f"--token-kind/--skip-special: they filter token rows, and these rows are pooled sentences (--pool {rows}); add --tokens or drop the option"
-        )
-    kept = tuple(k for k in TOKEN_KINDS if k in kinds)
-    if len(kept) == len(TOKEN_KINDS):
-        return None
-    for path, meta in zip(store.paths, store.metas):
-        if "token_kind" not in (meta.get("features") or []):
-            raise NeurostoreError(
-                f"{path}: the store does not record token kinds (tokens/kind; written by neurostore {meta.get('neurostore_version', '?')});"
-                " extract it again with this version to use --token-kind or --skip-special"
-            )
-    return kept
+def _planned(store: Store, plan: Plan | None, site: str, layers: Any, *, by: str | None, single: bool = False, **keys: Any) -> Plan:
+    """The plan a caller resolved (checked against what this analysis groups by), or the plan of
+    these options. ``single``: one layer (None: the last stored) rather than a list (None: all)."""
+    if plan is None:
+        if single:
+            check_site(store, site)
+            layers = store.layer_number(site, layers)
+        return resolve(store, site, layers, by=by, **keys)
+    if plan.store is not store:
+        raise NeurostoreError("plan: resolved for another store; resolve it with this store")
+    if plan.by != by:
+        raise NeurostoreError(f"plan: groups by {plan.by!r}, this analysis needs by={by!r}")
+    return plan
 
 
-def _moments(store: Store, sel: mo.Selection, quantiles: bool = False, **run: Any) -> mo.GroupMoments:
-    return mo.group_moments(store, sel, quantiles=quantiles, **run)
-
-
-def _run_opts(scheduler: Any, workers: int | None, cache: bool) -> dict:
-    return {"scheduler": scheduler, "workers": workers, "cache": cache}
+def _opts(run: RunOptions | None, scheduler: Any, workers: int | None, cache: bool = True) -> RunOptions:
+    return run or RunOptions(scheduler, workers, cache)
 
 
 def _values(mom: mo.GroupMoments, zscore: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,20 +93,8 @@ def _values(mom: mo.GroupMoments, zscore: bool) -> tuple[np.ndarray, np.ndarray,
     return mom.count, mom.mean, mom.m2
 
 
-def _clean(values: Any) -> Any:
-    """NaN / inf become None so the JSON is strict."""
-    arr = np.asarray(values, dtype=np.float64)
-    return [None if not np.isfinite(v) else float(v) for v in arr.ravel()] if arr.ndim == 1 else [_clean(r) for r in arr]
-
-
 # ----------------------------------------------------------------------------------------------
 # refusals: an analysis that would print numbers meaning nothing raises instead (docs/query.md)
-
-
-def _count(value: int | None, option: str) -> None:
-    """Counts of neurons or rows (``--top``, ``--k``, ``--sensitive-top``) are at least 1."""
-    if value is not None and (isinstance(value, bool) or value < 1):
-        raise NeurostoreError(f"{option} {value}: expected a count of at least 1")
 
 
 def _noun(by: str | None) -> str:
@@ -195,10 +128,10 @@ def _require_column(store: Store, column: str, what: str) -> None:
     raise NeurostoreError(f"{what}: the store has no {_noun(column)} (every sentence's {column} is missing); {hint}")
 
 
-def _doc_counts(store: Store, sel: mo.Selection) -> tuple[np.ndarray, list[str], list[str]]:
-    """Sentences per finest group ``[langs, groups]`` from the per-sentence tables (no pass): a group
-    without sentences has no rows, so the checks below can refuse before reading activations."""
-    gid, langs, groups = mo.group_codes(store, sel)
+def _doc_counts(plan: Plan) -> tuple[np.ndarray, list[str], list[str]]:
+    """Sentences per finest group ``[langs, groups]`` from the plan's sentence groups (no pass): a
+    group without sentences has no rows, so the checks below can refuse before reading activations."""
+    gid, langs, groups = plan.codes, plan.langs, plan.groups
     count = np.bincount(gid[gid >= 0], minlength=len(langs) * len(groups)).reshape(len(langs), len(groups))
     return count, langs, groups
 
@@ -268,12 +201,12 @@ def _usable(
     return lang_ok, group_ok, notes
 
 
-def _check(store: Store, sel: mo.Selection, mom: mo.GroupMoments | None = None, **need: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _check(plan: Plan, mom: mo.GroupMoments | None = None, **need: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """:func:`_usable` on the sentence counts before the pass (``mom`` None: refusals only) or on
     the pass's row counts."""
     if mom is None:
-        return _usable(*_doc_counts(store, sel), filtered=bool(sel.filters), warn=False, **need)
-    return _usable(mom.count, mom.langs, mom.groups, filtered=bool(sel.filters), **need)
+        return _usable(*_doc_counts(plan), filtered=plan.filtered, warn=False, **need)
+    return _usable(mom.count, mom.langs, mom.groups, filtered=plan.filtered, **need)
 
 
 def _keep_langs(lang_ok: np.ndarray, n: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -289,57 +222,13 @@ def _keep_langs(lang_ok: np.ndarray, n: np.ndarray, *arrays: np.ndarray) -> tupl
 # group moments as a table
 
 
-@dataclass
-class GroupStats:
-    """The raw group table of one layer: arrays ``[langs, groups, D]`` (quantiles may be None)."""
-
-    site: str
-    layer: int
-    rows: str
-    by: str | None
-    langs: list[str]
-    groups: list[str]
-    count: np.ndarray  # [langs, groups]
-    mean: np.ndarray
-    std: np.ndarray
-    p_active: np.ndarray
-    p10: np.ndarray | None = None
-    p50: np.ndarray | None = None
-    p90: np.ndarray | None = None
-    provenance: dict = field(default_factory=dict)
-
-    COLUMNS = ("lang", "group", "neuron", "count", "mean", "std", "p_active", "p10", "p50", "p90")
-
-    def table(self, neurons: Sequence[int] | None = None) -> list[list[Any]]:
-        D = self.mean.shape[-1]
-        picks = range(D) if neurons is None else neurons
-        out = []
-        for li, lang in enumerate(self.langs):
-            for gi, grp in enumerate(self.groups):
-                for d in picks:
-                    q = [None if self.p10 is None else float(a[li, gi, d]) for a in (self.p10, self.p50, self.p90)] if self.p10 is not None else [None] * 3
-                    out.append([lang, grp, int(d), int(self.count[li, gi]), float(self.mean[li, gi, d]), float(self.std[li, gi, d]), float(self.p_active[li, gi, d]), *q])
-        return out
-
-    def to_json(self) -> dict:
-        out = {
-            "site": self.site, "layer": self.layer, "rows": self.rows, "by": self.by, "langs": self.langs,
-            "groups": self.groups, "count": self.count.tolist(),
-        }
-        for key in ("mean", "std", "p_active", "p10", "p50", "p90"):
-            value = getattr(self, key)
-            out[key] = None if value is None else [[_clean(v) for v in per_lang] for per_lang in value]
-        out["provenance"] = self.provenance
-        return out
-
-
 def _group_stats(mom: mo.GroupMoments, layer: int, langs: list[str], groups: list[str], count, mean, m2, pos, vmin, vmax, hist) -> GroupStats:
     nb = count[..., None].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         m = np.where(nb > 0, mean, np.nan)
         std = np.where(nb > 0, np.sqrt(m2 / np.where(nb > 0, nb, 1)), np.nan)
         pa = np.where(nb > 0, pos / np.where(nb > 0, nb, 1), np.nan)
-    qs = an.quantiles(hist, vmin, vmax, (0.1, 0.5, 0.9)) if hist is not None else [None] * 3
+    qs = sk.quantiles(hist, vmin, vmax, (0.1, 0.5, 0.9)) if hist is not None else [None] * 3
     sel = mom.selection
     return GroupStats(sel.site, layer, sel.rows, sel.by, langs, groups, count, m, std, pa, *qs)
 
@@ -347,23 +236,24 @@ def _group_stats(mom: mo.GroupMoments, layer: int, langs: list[str], groups: lis
 def stats(
     store: Store, site: str = "resid", layer: int | None = None, *, by: str | None = "label",
     quantiles: bool = True, rows: str | None = None, lang=None, label=None, where=None,
-    scheduler: Any = None, workers: int | None = None, cache: bool = True,
+    scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
+    run: RunOptions | None = None,
 ) -> GroupStats:
     """Per (language, group) and neuron: count, mean, std (ddof 0), P(act > 0), approximate
     P10/P50/P90 of the raw activations of one layer."""
-    layer = resolve_layer(store, site, layer)
-    sel = selection(store, site, layer, rows=rows, by=by, lang=lang, label=label, where=where)
+    plan = _planned(store, plan, site, layer, single=True, rows=rows, by=by, lang=lang, label=label, where=where)
+    layer = plan.layers[0]
     if by is not None:
         _require_column(store, by, "stats")
-    _check(store, sel, what="stats", by=by)
-    mom = _moments(store, sel, quantiles=quantiles, **_run_opts(scheduler, workers, cache))
-    _check(store, sel, mom, what="stats", by=by)
+    _check(plan, what="stats", by=by)
+    mom = mo.group_moments(store, plan, quantiles=quantiles, run=_opts(run, scheduler, workers, cache))
+    _check(plan, mom, what="stats", by=by)
     i = 0
     out = _group_stats(
         mom, layer, mom.langs, mom.groups, mom.count, mom.mean[:, :, i], mom.m2[:, :, i], mom.pos[:, :, i],
         mom.vmin[:, :, i], mom.vmax[:, :, i], None if mom.hist is None else mom.hist[:, :, i],
     )
-    out.provenance = provenance(store, sel, "stats", quantiles=quantiles)
+    out.provenance = provenance(store, plan.selection, "stats", quantiles=quantiles)
     return out
 
 
@@ -373,6 +263,7 @@ STATS = ("mean", "std", "p_active", "p10", "p50", "p90")
 def group_values(
     store: Store, site: str, layer: int, by: str, group: str, stat: str = "mean", *,
     rows: str | None = None, scheduler: Any = None, workers: int | None = None, cache: bool = True,
+    run: RunOptions | None = None,
 ) -> np.ndarray:
     """Per-neuron ``stat`` of the raw activations of one group, ``np.ndarray[D]`` (float64).
 
@@ -385,10 +276,10 @@ def group_values(
     """
     if stat not in STATS:
         raise NeurostoreError(f"stat {stat!r}: expected one of {', '.join(STATS)}")
-    layer = resolve_layer(store, site, layer)
     quant = stat in ("p10", "p50", "p90")
-    sel = selection(store, site, layer, rows=rows, by=None if by == "lang" else by)
-    mom = _moments(store, sel, quantiles=quant, **_run_opts(scheduler, workers, cache))
+    check_site(store, site)
+    plan = resolve(store, site, store.layer_number(site, layer), rows=rows, by=None if by == "lang" else by)
+    mom = mo.group_moments(store, plan, quantiles=quant, run=_opts(run, scheduler, workers, cache))
     names = mom.langs if by == "lang" else mom.groups
     if group not in names:
         raise NeurostoreError(f"group {group!r}: column {by!r} has {', '.join(names)}")
@@ -407,48 +298,19 @@ def group_values(
         return take(mom.pos)[:, 0].sum(axis=0) / n_tot
     hist = take(mom.hist)[:, 0].astype(np.uint64).sum(axis=0)
     vmin, vmax = take(mom.vmin)[:, 0].min(axis=0), take(mom.vmax)[:, 0].max(axis=0)
-    return an.quantiles(hist, vmin, vmax, ({"p10": 0.1, "p50": 0.5, "p90": 0.9}[stat],))[0]
+    return sk.quantiles(hist, vmin, vmax, ({"p10": 0.1, "p50": 0.5, "p90": 0.9}[stat],))[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # variance
 
 
-@dataclass
-class VarianceResult:
-    """``variance``/``f``: ``[D]`` (``--by``), or ``[G, D]`` with ``groups`` (``--per lang``:
-    one row per language; ``--within``: one row per group, ``f`` None). ``top``: ``[(neuron,
-    value)]`` per row (a single list for ``[D]``)."""
-
-    site: str
-    layer: int
-    by: str
-    mode: str  # "by" | "per" | "within"
-    zscore: bool
-    variance: np.ndarray
-    f: np.ndarray | None
-    top: Any
-    groups: list[str] | None = None
-    provenance: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        out: dict[str, Any] = {"site": self.site, "layer": self.layer, "by": self.by, "mode": self.mode, "zscore": self.zscore}
-        if self.groups is None:
-            out.update(variance=_clean(self.variance), f=_clean(self.f), top=[[n, v] for n, v in self.top])
-        else:
-            out["groups"] = self.groups
-            out["variance"] = {g: _clean(self.variance[i]) for i, g in enumerate(self.groups)}
-            out["f"] = None if self.f is None else {g: _clean(self.f[i]) for i, g in enumerate(self.groups)}
-            out["top"] = {g: [[n, v] for n, v in self.top[i]] for i, g in enumerate(self.groups)}
-        out["provenance"] = self.provenance
-        return out
-
-
 def variance(
     store: Store, site: str = "resid", layer: int | None = None, *, by: str = "label",
     per: str | None = None, within: bool = False, zscore: bool = True, top: int | None = 20,
     rows: str | None = None, lang=None, label=None, where=None,
-    scheduler: Any = None, workers: int | None = None, cache: bool = True,
+    scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
+    run: RunOptions | None = None,
 ) -> VarianceResult:
     """Per neuron, the population variance over ``by`` groups of the group means of z (rows of all
     languages pooled) and the one-way ANOVA F; ``per="lang"``: the same within each language;
@@ -460,24 +322,24 @@ def variance(
     z-scoring (or ``per="lang"``), a language with rows of one group only."""
     if per not in (None, "lang"):
         raise NeurostoreError(f"--per {per}: only --per lang is supported")
-    _count(top, "--top")
+    check_count(top, "--top")
     mode = "within" if within else "per" if per == "lang" else "by"
     what = {"within": f"variance within each {_one(by)}", "per": f"variance over {_one(by)} means per language",
             "by": f"variance over {_one(by)} means"}[mode]
     _no_lang_zscore(by, zscore, "variance")
-    layer = resolve_layer(store, site, layer)
-    sel = selection(store, site, layer, rows=rows, by=by, lang=lang, label=label, where=where)
+    plan = _planned(store, plan, site, layer, single=True, rows=rows, by=by, lang=lang, label=label, where=where)
+    layer = plan.layers[0]
     _require_column(store, by, what)
     if per == "lang":
         _require_column(store, "lang", what)
     need = dict(what=what, by=by, min_groups=1 if within else 2, zscore=zscore, per_lang=mode == "per",
                 alt="" if within else f"use --within {by} for the spread inside one {_one(by)}")
-    _check(store, sel, **need)
-    mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
-    lang_ok, group_ok, notes = _check(store, sel, mom, **need)
+    _check(plan, **need)
+    mom = mo.group_moments(store, plan, run=_opts(run, scheduler, workers, cache))
+    lang_ok, group_ok, notes = _check(plan, mom, **need)
     n, mean, m2 = _keep_langs(lang_ok, *_values(mom, zscore))
     mean, m2 = mean[:, :, 0], m2[:, :, 0]  # [L, E, D]
-    prov = provenance(store, sel, "variance", notes, mode=mode, per=per, zscore=zscore, top=top)
+    prov = provenance(store, plan.selection, "variance", notes, mode=mode, per=per, zscore=zscore, top=top)
     if within:
         if per == "lang":
             cells = [(f"{lg}/{g}", n[li, ei], m2[li, ei]) for li, lg in enumerate(mom.langs) for ei, g in enumerate(mom.groups)]
@@ -511,95 +373,49 @@ def variance(
 # M[l, e, d] and what derives from it
 
 
-@dataclass
-class GroupMeans:
-    """``M [langs, groups, D]``: mean of z (or raw) per language and group; NaN for empty groups."""
-
-    site: str
-    layer: int
-    by: str
-    zscore: bool
-    langs: list[str]
-    groups: list[str]
-    count: np.ndarray
-    M: np.ndarray
-    provenance: dict = field(default_factory=dict)
-
-    def top_neurons(self, group: str, k: int) -> dict[str, list[int]]:
-        """Per language, the ``k`` neurons with the highest ``M`` for ``group`` (highest first)."""
-        _count(k, "--top")
-        if group not in self.groups:
-            raise NeurostoreError(f"--label {group}: the store has {', '.join(self.groups)}")
-        e = self.groups.index(group)
-        return {l: [n for n, _ in an.top_k(self.M[i, e], k)] for i, l in enumerate(self.langs) if self.count[i, e] > 0}
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "by": self.by, "zscore": self.zscore, "langs": self.langs,
-            "groups": self.groups, "count": self.count.tolist(), "M": [[_clean(v) for v in per] for per in self.M],
-            "provenance": self.provenance,
-        }
-
-
 def group_means(
     store: Store, site: str = "resid", layer: int | None = None, *, by: str = "label", zscore: bool = True,
     rows: str | None = None, lang=None, label=None, where=None,
-    scheduler: Any = None, workers: int | None = None, cache: bool = True,
+    scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
+    run: RunOptions | None = None,
 ) -> GroupMeans:
     """``M[l, e, d]``: the mean of z over the rows of language l and group e, for the languages and
     groups with rows. With z-scoring, 2 groups with rows are needed, and a language with rows of
     one group only is left out (its mean z is 0 by construction), with a warning."""
     return _group_means(store, site, layer, what="group means", by=by, zscore=zscore, rows=rows, lang=lang,
-                        label=label, where=where, run=_run_opts(scheduler, workers, cache))
+                        label=label, where=where, run=_opts(run, scheduler, workers, cache), plan=plan)[0]
 
 
 def _group_means(store: Store, site: str, layer: int | None, *, what: str, by: str, zscore: bool, rows, lang, label,
-                 where, run: dict, cross_lingual: bool = False, min_groups: int = 1, **params: Any) -> GroupMeans:
-    """:func:`group_means` with the refusals of ``what``; ``cross_lingual``: needs 2 languages, and
-    groups with rows in one language only are left out."""
+                 where, run: RunOptions, plan: Plan | None = None, cross_lingual: bool = False, min_groups: int = 1,
+                 **params: Any) -> tuple[GroupMeans, Plan]:
+    """:func:`group_means` with the refusals of ``what`` (and the plan it read); ``cross_lingual``:
+    needs 2 languages, and groups with rows in one language only are left out."""
     _no_lang_zscore(by, zscore, what)
     if cross_lingual and by == "lang":
         raise NeurostoreError(f"{what} --by lang: the languages are what {what} compares; group by another column (--by label)")
-    layer = resolve_layer(store, site, layer)
-    sel = selection(store, site, layer, rows=rows, by=by, lang=lang, label=label, where=where)
+    plan = _planned(store, plan, site, layer, single=True, rows=rows, by=by, lang=lang, label=label, where=where)
+    layer = plan.layers[0]
     _require_column(store, by, what)
     if cross_lingual:
         _require_column(store, "lang", what)
     need = dict(what=what, by=by, zscore=zscore, min_groups=max(min_groups, 2 if zscore else 1),
                 min_langs=2 if cross_lingual else 1, group_langs=cross_lingual)
-    _check(store, sel, **need)
-    mom = _moments(store, sel, **run)
-    lang_ok, group_ok, notes = _check(store, sel, mom, **need)
+    _check(plan, **need)
+    mom = mo.group_moments(store, plan, run=run)
+    lang_ok, group_ok, notes = _check(plan, mom, **need)
     n, mean, _ = _values(mom, zscore)
     M = an.group_means(n, mean[:, :, 0])[lang_ok][:, group_ok]
-    prov = provenance(store, sel, what if cross_lingual else "group_means", notes, zscore=zscore, **params)
+    prov = provenance(store, plan.selection, what if cross_lingual else "group_means", notes, zscore=zscore, **params)
     return GroupMeans(site, layer, by, zscore, [l for l, ok in zip(mom.langs, lang_ok) if ok],
-                      [g for g, ok in zip(mom.groups, group_ok) if ok], n[lang_ok][:, group_ok], M, prov)
-
-
-@dataclass
-class Correlation:
-    site: str
-    layer: int
-    method: str
-    across: list[str]
-    groups: list[str]
-    matrices: np.ndarray  # [groups, L, L]
-    mean: np.ndarray  # [L, L]
-    provenance: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "method": self.method, "across": self.across, "groups": self.groups,
-            "matrices": {g: _clean(self.matrices[i]) for i, g in enumerate(self.groups)}, "mean": _clean(self.mean),
-            "provenance": self.provenance,
-        }
+                      [g for g, ok in zip(mom.groups, group_ok) if ok], n[lang_ok][:, group_ok], M, prov), plan
 
 
 def correlate(
     store: Store, site: str = "resid", layer: int | None = None, *, by: str = "label", across: str = "lang",
     method: str = "spearman", zscore: bool = True, rows: str | None = None, lang=None, label=None, where=None,
-    scheduler: Any = None, workers: int | None = None, cache: bool = True,
+    scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
+    run: RunOptions | None = None,
 ) -> Correlation:
     """For each group e and languages a, b: Spearman's rho (or cosine) between ``M[a, e, :]`` and
     ``M[b, e, :]`` over the neurons; plus the mean matrix over groups (NaN entries skipped).
@@ -611,40 +427,18 @@ def correlate(
         raise NeurostoreError(f"--across {across}: only --across lang is supported")
     if method not in ("spearman", "cosine"):
         raise NeurostoreError(f"--method {method}: expected spearman or cosine")
-    gm = _group_means(store, site, layer, what="correlate", by=by, zscore=zscore, rows=rows, lang=lang, label=label,
-                      where=where, run=_run_opts(scheduler, workers, cache), cross_lingual=True, across=across, method=method)
+    gm, _ = _group_means(store, site, layer, what="correlate", by=by, zscore=zscore, rows=rows, lang=lang, label=label,
+                      where=where, run=_opts(run, scheduler, workers, cache), plan=plan, cross_lingual=True, across=across,
+                      method=method)
     mats = an.correlation_matrices(gm.M, method)
     return Correlation(site, gm.layer, method, gm.langs, gm.groups, mats, an.nanmean_matrices(mats), gm.provenance)
-
-
-@dataclass
-class Polyglot:
-    site: str
-    layer: int
-    threshold: float
-    langs: list[str]
-    groups: list[str]
-    polyglot: dict[str, list[int]]
-    monolingual: dict[str, dict[str, list[int]]]
-    sensitive: list[int]
-    shares: dict[str, dict[str, float]]
-    provenance: dict = field(default_factory=dict)
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        return {g: {"polyglot": len(self.polyglot[g]), **{l: len(v) for l, v in self.monolingual[g].items()}} for g in self.groups}
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "threshold": self.threshold, "polyglot": self.polyglot,
-            "monolingual": self.monolingual, "counts": self.counts(),
-            "sensitive": {"neurons": self.sensitive, "shares": self.shares}, "provenance": self.provenance,
-        }
 
 
 def polyglot(
     store: Store, site: str = "resid", layer: int | None = None, *, threshold: float = 0.5, by: str = "label",
     sensitive_top: int = 100, zscore: bool = True, rows: str | None = None, lang=None, label=None, where=None,
-    scheduler: Any = None, workers: int | None = None, cache: bool = True,
+    scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
+    run: RunOptions | None = None,
 ) -> Polyglot:
     """Polyglot neurons (``M > threshold`` in every language with rows of the group) and
     monolingual ones (above it in one language only), per group; and among the ``sensitive_top``
@@ -653,13 +447,13 @@ def polyglot(
     Refused: fewer than 2 languages or 2 groups with rows, ``by="lang"``, ``sensitive_top < 1``.
     Left out with a warning: groups with rows in one language only; with z-scoring, languages with
     rows of one group only."""
-    _count(sensitive_top, "--sensitive-top")
-    gm = _group_means(store, site, layer, what="polyglot", by=by, zscore=zscore, rows=rows, lang=lang, label=label,
-                      where=where, run=_run_opts(scheduler, workers, cache), cross_lingual=True, min_groups=2,
+    check_count(sensitive_top, "--sensitive-top")
+    run = _opts(run, scheduler, workers, cache)
+    gm, plan = _group_means(store, site, layer, what="polyglot", by=by, zscore=zscore, rows=rows, lang=lang, label=label,
+                      where=where, run=run, plan=plan, cross_lingual=True, min_groups=2,
                       threshold=threshold, sensitive_top=sensitive_top)
     sets = an.polyglot_sets(gm.M, gm.count, threshold)
-    var = variance(store, site, gm.layer, by=by, zscore=zscore, top=sensitive_top, rows=rows, lang=lang, label=label,
-                   where=where, scheduler=scheduler, workers=workers, cache=cache)
+    var = variance(store, site, gm.layer, by=by, zscore=zscore, top=sensitive_top, plan=plan, run=run)
     sensitive = [n for n, _ in var.top]
     poly = {g: sets.polyglot[e].tolist() for e, g in enumerate(gm.groups)}
     # a language without rows of a group has no monolingual neurons of it to count: it is absent
@@ -678,83 +472,42 @@ def polyglot(
 # activation probability: LAPE and selectors
 
 
-@dataclass
-class Lape:
-    site: str
-    layers: list[int]
-    langs: list[str]
-    threshold: float
-    filter_rate: float
-    top_rate: float
-    neurons: dict[str, list[tuple[int, int]]]  # lang -> [(layer, neuron)]
-    P: np.ndarray = field(repr=False)  # [langs, layers, D]
-    H: np.ndarray = field(repr=False)
-    provenance: dict = field(default_factory=dict)
-
-    def per_layer(self) -> dict[str, list[int]]:
-        """Number of a language's neurons in each layer (in ``layers`` order)."""
-        return {l: [sum(1 for ly, _ in v if ly == layer) for layer in self.layers] for l, v in self.neurons.items()}
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layers, "layers": self.layers, "threshold": self.threshold,
-            "filter_rate": self.filter_rate, "top_rate": self.top_rate,
-            "neurons": {l: [[a, b] for a, b in v] for l, v in self.neurons.items()}, "provenance": self.provenance,
-        }
-
-
 def lape(
     store: Store, site: str = "mlp", layers: Sequence[int] | None = None, *, filter_rate: float = 0.95,
     top_rate: float = 0.01, rows: str = "tokens", lang=None, label=None, where=None,
-    scheduler: Any = None, workers: int | None = None, cache: bool = True,
+    scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
+    run: RunOptions | None = None,
 ) -> Lape:
     """Language-specific neurons by LAPE (token rows, all stored layers of ``site`` by default).
     Refused: fewer than 2 languages with rows (the entropy over one language is 0 for every neuron)."""
-    sel = selection(store, site, layers, rows=rows, by=None, lang=lang, label=label, where=where)
+    plan = _planned(store, plan, site, layers, rows=rows, by=None, lang=lang, label=label, where=where)
     if not 0 < filter_rate <= 1:
         raise NeurostoreError(f"--filter-rate {filter_rate}: expected a share in (0, 1]")
     if not 0 < top_rate <= 1:
         raise NeurostoreError(f"--top-rate {top_rate}: expected a share in (0, 1]")
     _require_column(store, "lang", "lape")
     need = dict(what="lape", by=None, min_langs=2)
-    _check(store, sel, **need)
-    neurons = len(sel.layers) * store.site(site)["width"]
+    _check(plan, **need)
+    neurons = len(plan.layers) * plan.width
     if round(top_rate * neurons) < 1:  # an empty result, whatever the data
         raise NeurostoreError(f"--top-rate {top_rate}: keeps 0 of the {neurons} neurons (round(rate x neurons)); use at least {1 / neurons:.2g}")
-    mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
-    have, _, notes = _check(store, sel, mom, **need)
+    mom = mo.group_moments(store, plan, run=_opts(run, scheduler, workers, cache))
+    have, _, notes = _check(plan, mom, **need)
     names = [l for l, h in zip(mom.langs, have) if h]
     P = mom.pos[have, 0] / mom.count[have, 0][:, None, None]
     res = an.lape(P, filter_rate, top_rate)
     out = {l: [(mom.layers[int(res.kept[i, 0])], int(res.kept[i, 1])) for i in res.members[k]] for k, l in enumerate(names)}
-    prov = provenance(store, sel, "lape", notes, filter_rate=filter_rate, top_rate=top_rate, threshold=res.threshold)
+    prov = provenance(store, plan.selection, "lape", notes, filter_rate=filter_rate, top_rate=top_rate, threshold=res.threshold)
     return Lape(site, list(mom.layers), names, res.threshold, filter_rate, top_rate, out, P, res.H, prov)
-
-
-@dataclass
-class Selected:
-    site: str
-    layers: list[int]
-    by: str
-    method: str
-    selected: dict[str, list[tuple[int, int, float]]]
-    provenance: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layers if len(self.layers) > 1 else self.layers[0], "layers": self.layers,
-            "by": self.by, "method": self.method,
-            "selected": {g: [[a, b, c] for a, b, c in v] for g, v in self.selected.items()},
-            "provenance": self.provenance,
-        }
 
 
 def select(
     store: Store, site: str = "resid", layers: Sequence[int] | int | None = None, *, by: str = "label",
     method: str = "frequency", top: int = 20, zscore: bool = True, filter_rate: float = 0.95,
     rows: str | None = None, lang=None, label=None, where=None,
-    scheduler: Any = None, workers: int | None = None, cache: bool = True,
-) -> Selected:
+    scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
+    run: RunOptions | None = None,
+) -> SelectedNeurons:
     """Group-sensitive neurons over all stored layers of ``site`` (or ``layers``): per group of
     ``by`` (pooled over languages), ``top`` triples (layer, neuron, score). frequency, entropy and
     contrast use P(activation > 0) of the raw activations; magnitude uses z (or raw with
@@ -765,22 +518,22 @@ def select(
     language with rows of one group only (warning)."""
     if method not in an.SELECT_METHODS:
         raise NeurostoreError(f"--method {method}: expected one of {', '.join(an.SELECT_METHODS)}")
-    _count(top, "--top")
+    check_count(top, "--top")
     if not 0 < filter_rate <= 1:
         raise NeurostoreError(f"--filter-rate {filter_rate}: expected a share in (0, 1]")
     z = zscore and method == "magnitude"  # the other selectors read P(x > 0) of the raw activations
     _no_lang_zscore(by, z, "select --method magnitude")
-    sel = selection(store, site, layers, rows=rows, by=None if by == "lang" else by, lang=lang, label=label, where=where)
+    plan = _planned(store, plan, site, layers, rows=rows, by=None if by == "lang" else by, lang=lang, label=label, where=where)
     _require_column(store, by, f"select --method {method}")
     need = dict(what=f"select --method {method}", by=by, min_groups=2, zscore=z and by != "lang")
 
     def check(count: np.ndarray, langs: list[str], groups: list[str], warn: bool = True) -> tuple:
         if by == "lang":  # the languages are the groups
-            return _usable(count.T, [mo.ALL], langs, filtered=bool(sel.filters), warn=warn, **need)
-        return _usable(count, langs, groups, filtered=bool(sel.filters), warn=warn, **need)
+            return _usable(count.T, [ALL], langs, filtered=plan.filtered, warn=warn, **need)
+        return _usable(count, langs, groups, filtered=plan.filtered, warn=warn, **need)
 
-    check(*_doc_counts(store, sel), warn=False)
-    mom = _moments(store, sel, **_run_opts(scheduler, workers, cache))
+    check(*_doc_counts(plan), warn=False)
+    mom = mo.group_moments(store, plan, run=_opts(run, scheduler, workers, cache))
     lang_ok, _, notes = check(mom.count, mom.langs, mom.groups)
     n, mean, m2 = _values(mom, zscore)
     pos = mom.pos
@@ -793,59 +546,31 @@ def select(
     picked = an.select(method, n_g, pos_g, mean_g, top, filter_rate)
     out = {g: [(mom.layers[a], b, c) for a, b, c in picked[i]] for i, g in enumerate(names) if n_g[i] > 0}
     # zscore as applied: only magnitude reads z, the other selectors P(x > 0) of the raw activations
-    prov = provenance(store, sel, "select", notes, by=by, method=method, top=top, zscore=z, filter_rate=filter_rate)
-    return Selected(site, list(mom.layers), by, method, out, prov)
+    prov = provenance(store, plan.selection, "select", notes, by=by, method=method, top=top, zscore=z, filter_rate=filter_rate)
+    return SelectedNeurons(site, list(mom.layers), by, method, out, prov)
 
 
 # ----------------------------------------------------------------------------------------------
 # top examples
 
 
-# Characters of the sentence shown on each side of a token.
-CONTEXT_CHARS = 40
-
-
-@dataclass
-class Example:
-    row: int
-    doc: int
-    value: float
-    lang: str
-    label: str
-    text: str
-    position: int | None = None  # token position inside the sentence (token rows)
-    token_id: int | None = None
-    kind: str | None = None  # text, special or audio (stores that record token kinds)
-    token: str | None = None  # the token as written in the sentence, or a special token's string
-    left: str | None = None  # up to CONTEXT_CHARS characters before the token ("…" where cut)
-    right: str | None = None  # likewise after it
-
-    def context(self) -> str:
-        """``left [token] right`` for a token whose place is known, else the sentence."""
-        if self.token is None or self.left is None:
-            return self.text
-        return f"{self.left}[{self.token}]{self.right}"
-
-
 def top_examples(
     store: Store, site: str = "resid", layer: int | None = None, neuron: int = 0, *, k: int = 20,
     rows: str | None = None, lang=None, label=None, where=None, token_kind: Sequence[str] | None = None,
-    scheduler: Any = None, workers: int | None = None,
+    scheduler: Any = None, workers: int | None = None, plan: Plan | None = None, run: RunOptions | None = None,
 ) -> list[Example]:
     """The ``k`` rows (tokens by default when stored, else sentences) where one neuron is highest,
     with their sentence, and for tokens the token and its neighbours in the sentence (from the
     character offsets stored at extraction: no tokenizer is loaded). Reads that neuron's layer
     once (one pass over its chunks)."""
-    _count(k, "--k")
-    layer = resolve_layer(store, site, layer)
-    width = store.site(site)["width"]
-    if not 0 <= neuron < width:
-        raise NeurostoreError(f"--neuron {neuron}: site {site!r} has neurons 0-{width - 1}")
+    check_count(k, "--k")
     if rows is None:
         rows = "tokens" if store.meta["tokens"] else default_rows(store)
-    sel = selection(store, site, layer, rows=rows, by=None, lang=lang, label=label, where=where, token_kind=token_kind)
-    keep_docs = mo.group_codes(store, sel)[0] >= 0
-    found = mo.top_rows(store, sel, neuron, k, keep_docs, scheduler=scheduler, workers=workers)
+    plan = _planned(store, plan, site, layer, single=True, rows=rows, by=None, lang=lang, label=label, where=where, token_kind=token_kind)
+    rows = plan.rows
+    if not 0 <= neuron < plan.width:
+        raise NeurostoreError(f"--neuron {neuron}: site {site!r} has neurons 0-{plan.width - 1}")
+    found = mo.top_rows(store, plan, neuron, k, run=_opts(run, scheduler, workers))
     label_codes, lang_codes = store.doc_column("label"), store.doc_column("lang")
     labels, langs = store.categories("label"), store.categories("lang")
     starts = store.doc_column("token_start") if rows == "tokens" else None
@@ -855,8 +580,8 @@ def top_examples(
     for i, ((row, value), doc) in enumerate(zip(found, docs)):
         out.append(Example(
             int(row), doc, float(value),
-            langs[lang_codes[doc]] if lang_codes[doc] >= 0 else mo.MISSING,
-            labels[label_codes[doc]] if label_codes[doc] >= 0 else mo.MISSING,
+            langs[lang_codes[doc]] if lang_codes[doc] >= 0 else MISSING,
+            labels[label_codes[doc]] if label_codes[doc] >= 0 else MISSING,
             str(texts[i]),
         ))
     if rows == "tokens":
@@ -896,34 +621,18 @@ def _place_tokens(store: Store, examples: list[Example], positions: list[int]) -
         e.right = e.text[b:hi].replace("\n", " ") + ("…" if hi < len(e.text) else "")
 
 
-@dataclass
-class TopExamples:
-    """:func:`top_examples` with where they came from (the JSON of ``query top-examples``)."""
-
-    site: str
-    layer: int
-    neuron: int
-    examples: list[Example]
-    provenance: dict = field(default_factory=dict)
-
-    COLUMNS = ("row", "value", "lang", "label", "doc", "position", "token_id", "kind", "token", "left", "right", "text")
-
-    def to_json(self) -> dict:
-        return {
-            "site": self.site, "layer": self.layer, "neuron": self.neuron,
-            "examples": [{c: getattr(e, c) for c in self.COLUMNS} for e in self.examples],
-            "provenance": self.provenance,
-        }
-
-
 def top_examples_result(store: Store, site: str = "resid", layer: int | None = None, neuron: int = 0, **options: Any) -> TopExamples:
     """:func:`top_examples` (same keywords) as a result with its provenance."""
-    examples = top_examples(store, site, layer, neuron, **options)
-    layer = resolve_layer(store, site, layer)
-    keys = {k: v for k, v in options.items() if k not in ("k", "scheduler", "workers")}
-    keys["rows"] = keys.get("rows") or ("tokens" if store.meta["tokens"] else default_rows(store))
-    sel = selection(store, site, layer, by=None, **keys)
-    return TopExamples(site, layer, neuron, examples, provenance(store, sel, "top_examples", neuron=neuron, k=options.get("k", top_examples.__kwdefaults__["k"])))
+    check_count(options.get("k"), "--k")
+    plan = options.pop("plan", None)
+    if plan is None:
+        keys = {k: v for k, v in options.items() if k not in ("k", "scheduler", "workers", "run")}
+        keys["rows"] = keys.get("rows") or ("tokens" if store.meta["tokens"] else default_rows(store))
+        check_site(store, site)
+        plan = resolve(store, site, store.layer_number(site, layer), by=None, **keys)
+    examples = top_examples(store, site, layer, neuron, plan=plan, **options)
+    prov = provenance(store, plan.selection, "top_examples", neuron=neuron, k=options.get("k", top_examples.__kwdefaults__["k"]))
+    return TopExamples(site, plan.layers[0], neuron, examples, prov)
 
 
 def _pick_rows(store: Store, name: str, rows_key: str, indices: Sequence[int]) -> list:

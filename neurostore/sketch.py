@@ -1,4 +1,5 @@
-"""The quantile sketch: bin indices on a fixed asinh grid, computed without ``arcsinh`` per value.
+"""The quantile sketch, encoded and decoded here: bin indices on a fixed asinh grid (computed without
+``arcsinh`` per value), and quantiles read back from the bin counts (:func:`quantiles`).
 
 Semantics (unchanged, documented in docs/query.md): ``HIST_BINS`` bins of width ``HIST_WIDTH`` over
 ``asinh(x)`` in ``[-HIST_RANGE, HIST_RANGE]``; values outside fall into the end bins. A bin index is
@@ -82,3 +83,25 @@ def count(b: np.ndarray, out: np.ndarray) -> None:
     flat = b.astype(np.int32)
     flat += (np.arange(width, dtype=np.int32) * HIST_BINS)[None, :]
     out += np.bincount(flat.ravel(), minlength=width * HIST_BINS).reshape(width, HIST_BINS).astype(out.dtype)
+
+
+def quantiles(hist: np.ndarray, vmin: np.ndarray, vmax: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """Decode the sketch: approximate quantiles from the asinh-grid histogram ``hist [..., bins]``: find the bin where
+    the cumulative count reaches q * n, interpolate linearly inside it (in asinh space), clip to the
+    exact [vmin, vmax]. Returns ``[len(qs), ...]``; NaN for empty groups."""
+    h = hist.astype(np.float64)
+    n = h.sum(axis=-1)
+    cum = np.cumsum(h, axis=-1)
+    out = []
+    for q in qs:
+        target = q * n
+        b = (cum < target[..., None]).sum(axis=-1)
+        b = np.minimum(b, h.shape[-1] - 1)
+        before = np.take_along_axis(cum, b[..., None], axis=-1)[..., 0] - np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
+        inbin = np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(inbin > 0, (target - before) / np.where(inbin > 0, inbin, 1), 0.5)
+        value = np.sinh(-HIST_RANGE + (b + np.clip(frac, 0, 1)) * HIST_WIDTH)
+        value = np.clip(value, vmin, vmax)
+        out.append(np.where(n > 0, value, np.nan))
+    return np.stack(out)

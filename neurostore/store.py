@@ -549,16 +549,21 @@ class Store:
             )
         return self.sites[site]
 
-    def layer_index(self, site: str, layer: int) -> int:
-        """Position along the stored layer axis of a model layer number."""
+    def layer_number(self, site: str, layer: int | None, option: str = "--layer") -> int:
+        """The model layer number ``layer`` names: None is the last stored layer, a negative counts
+        back from it. The one place a ``--layer`` is resolved and checked."""
         layers = self.site(site)["layers"]
-        if layer < 0:
-            layer = layers[layer] if -len(layers) <= layer else layer
+        if layer is None:
+            return layers[-1]
+        if layer < 0 and -len(layers) <= layer:
+            return layers[layer]
         if layer not in layers:
-            raise NeurostoreError(
-                f"layer {layer} of site {site!r} is not in the store (stored layers: {_ranges(layers)})"
-            )
-        return layers.index(layer)
+            raise NeurostoreError(f"{option} {layer}: site {site!r} has layers {_ranges(layers)}")
+        return layer
+
+    def layer_index(self, site: str, layer: int | None) -> int:
+        """Position along the stored layer axis of a model layer number (see :meth:`layer_number`)."""
+        return self.site(site)["layers"].index(self.layer_number(site, layer))
 
     def _arrays(self, name: str, rows_key: str) -> list[tuple[zarr.Array, int]]:
         """The array ``name`` of every part, with that part's committed row count."""
@@ -595,24 +600,23 @@ class Store:
 
     def doc_column(self, name: str) -> np.ndarray:
         """A per-sentence column over all parts; offsets are shifted so they index the whole."""
-        values, tok_shift = [], 0
-        for (arr, rows), meta in zip(self._arrays(f"docs/{name}", "committed_docs"), self.metas):
-            v = read_zarr(arr, slice(0, rows), 0, rows)
-            if name == "token_start":
-                v = v + tok_shift
-            values.append(v)
-            tok_shift += meta["committed_tokens"]
-        return np.concatenate(values) if values else np.zeros(0)
+        return self._column("docs", name, "committed_docs", "token_start", "committed_tokens")
 
     def token_column(self, name: str) -> np.ndarray:
-        values, doc_shift = [], 0
-        for (arr, rows), meta in zip(self._arrays(f"tokens/{name}", "committed_tokens"), self.metas):
+        """A per-token column over all parts; sentence indices are shifted so they index the whole."""
+        return self._column("tokens", name, "committed_tokens", "doc", "committed_docs")
+
+    def _column(self, table: str, name: str, rows_key: str, index_column: str, shift_key: str) -> np.ndarray:
+        """``table/name`` of every part, concatenated; ``index_column`` indexes the other table, so
+        each part's values are shifted by the rows (``shift_key``) of the parts before it."""
+        values, shift = [], 0
+        for (arr, rows), meta in zip(self._arrays(f"{table}/{name}", rows_key), self.metas):
             v = read_zarr(arr, slice(0, rows), 0, rows)
-            if name == "doc":
-                v = v + doc_shift
+            if name == index_column:
+                v = v + shift
             values.append(v)
-            doc_shift += meta["committed_docs"]
-        return np.concatenate(values)
+            shift += meta[shift_key]
+        return np.concatenate(values) if values else np.zeros(0)
 
     def categories(self, name: str) -> list[str]:
         """Category names of a categorical column (``label``, ``lang``, ``pred``)."""
@@ -839,7 +843,3 @@ def _activation_arrays(group: zarr.Group, meta: dict, docs: int, toks: int) -> l
             out.append((f"acts/{site}", toks))
         out += [(f"pooled/{site}/{p}", docs) for p in meta["pool"]]
     return out
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, indent=2, default=str)

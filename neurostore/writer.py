@@ -31,29 +31,22 @@ from . import shards
 from . import store as st
 
 
-def _fault_plan() -> dict[str, int]:
-    """Fault injection for the resume tests: ``NEUROSTORE_FAULT=flush:3`` SIGKILLs the process
-    the 3rd time it reaches that point (``batch``, ``window``, ``flush`` or ``commit``). Unset in
-    normal use."""
-    spec = os.environ.get("NEUROSTORE_FAULT", "")
+KILL_POINTS = ("batch", "window", "flush", "commit")
+
+
+def kill_points(spec: str | dict[str, int] | None) -> dict[str, int]:
+    """Fault injection for the resume tests: ``"flush:3"`` (or ``{"flush": 3}``) SIGKILLs the
+    process the 3rd time the writer reaches that point (``batch``, ``window``, ``flush`` or
+    ``commit``; several: ``"batch:2,commit:1"``). Empty in normal use."""
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        return {str(k): int(v) for k, v in spec.items()}
     plan = {}
     for item in filter(None, spec.split(",")):
         point, _, count = item.partition(":")
         plan[point] = int(count or 1)
     return plan
-
-
-_FAULTS = _fault_plan()
-_SEEN: dict[str, int] = {}
-_FAULT_LOCK = threading.Lock()
-
-
-def _fault(point: str) -> None:
-    if point in _FAULTS:
-        with _FAULT_LOCK:
-            _SEEN[point] = _SEEN.get(point, 0) + 1
-            if _SEEN[point] == _FAULTS[point]:
-                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def default_writers() -> int:
@@ -132,6 +125,7 @@ class Writer:
     on_batch: Callable[[int, int, int], None] | None = None  # (docs, tokens, bytes)
     writers: int = 0  # 0: default_writers()
     queue_size: int = 8
+    kill_at: dict[str, int] = field(default_factory=dict)  # fault injection (:func:`kill_points`)
     error: BaseException | None = field(init=False, default=None)
     timers: dict[str, float] = field(init=False)
 
@@ -140,6 +134,8 @@ class Writer:
         self.timers = {"scatter": 0.0, "wait_copy": 0.0, "wait_batch": 0.0, "wait_buffer": 0.0, "encode": 0.0, "write": 0.0,
                        "encode_cpu": 0.0, "write_cpu": 0.0, "commit": 0.0, "flush_wall": 0.0}
         self._lock = threading.Lock()
+        self._seen: dict[str, int] = {}
+        self._seen_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._free_sets: queue.Queue = queue.Queue()
@@ -168,6 +164,13 @@ class Writer:
         self._flush_thread = threading.Thread(target=self._guard(self._flush_loop), name="neurostore-flush", daemon=True)
         self._scatter_thread.start()
         self._flush_thread.start()
+
+    def _fault(self, point: str) -> None:
+        if point in self.kill_at:
+            with self._seen_lock:
+                self._seen[point] = self._seen.get(point, 0) + 1
+                if self._seen[point] == self.kill_at[point]:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
     def _array(self, name: str) -> zarr.Array:
         # every chunk is written whatever its values: skips a full comparison pass with the fill value
@@ -328,7 +331,7 @@ class Writer:
             batch.release(batch.slot)
         if self.on_batch is not None:
             self.on_batch(len(batch.docs), int(batch.lengths.sum()), nbytes)
-        _fault("batch")
+        self._fault("batch")
 
     def _count_nonfinite(self, batch: Batch) -> None:
         """Count values the store cast made non-finite, where the batch's extremes say there are any.
@@ -354,7 +357,7 @@ class Writer:
                     st.add_counts(self._counts, {name: found})
 
     def _end(self, window: Window) -> None:
-        _fault("window")
+        self._fault("window")
         writes = [(rows.array, self._encoders[key], lo, hi, values) for key, rows in self.rows.items() for lo, hi, values in rows.cut(self._blocks[key])]
         job = _Job(window, writes, self._set, self._counts, self._real, self._padded)
         self._blocks, self._window = {}, None
@@ -379,7 +382,7 @@ class Writer:
             if self._aborted.is_set():
                 return
             t0 = time.perf_counter()
-            _fault("commit")
+            self._fault("commit")
             self.meta = st.commit(
                 self.group, self.meta, job.window.docs[1], job.window.tokens[1],
                 complete=job.window.docs[1] >= self.meta["n_docs"],
@@ -405,4 +408,4 @@ class Writer:
             self.timers["write"] += t1 - encoded
             self.timers["encode_cpu"] += c1 - c0
             self.timers["write_cpu"] += c2 - c1
-        _fault("flush")
+        self._fault("flush")

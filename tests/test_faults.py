@@ -261,12 +261,12 @@ def test_a_damaged_cache_entry_is_dropped_and_recomputed(store_copy, damage):
 
 
 def test_a_cache_write_on_a_full_disk_is_one_warning(store_copy, monkeypatch):
-    from neurostore import moments as mo
+    from neurostore import cache
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(store_copy / "cache"))
 
-    monkeypatch.setattr(mo, "_write_entry", full)
+    monkeypatch.setattr(cache, "_write_entry", full)
     got, warned = _variance_json(store_copy)
     monkeypatch.undo()
     ref, _ = _variance_json(store_copy)

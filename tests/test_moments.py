@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import neurostore
+from neurostore import cache
 from neurostore import moments as mo
 from neurostore import store as st
 from neurostore.errors import NeurostoreError
@@ -75,11 +76,11 @@ def test_bfloat16_and_float16_stores(tmp_path):
 
 
 def test_quantile_sketch_within_documented_error(synth):
-    from neurostore import analysis as an
+    from neurostore import sketch as sk
 
     s = neurostore.open(synth.path)
     mom = mo.compute(s, mo.Selection("mlp", (0,), "tokens", None), quantiles=True)
-    q = an.quantiles(mom.hist[:, 0, 0], mom.vmin[:, 0, 0], mom.vmax[:, 0, 0], (0.1, 0.5, 0.9))
+    q = sk.quantiles(mom.hist[:, 0, 0], mom.vmin[:, 0, 0], mom.vmax[:, 0, 0], (0.1, 0.5, 0.9))
     x, lang, _ = rows_of(synth, "mlp", "tokens", 0)
     for li in range(3):
         ref = np.quantile(x[lang == li], [0.1, 0.5, 0.9], axis=0)
@@ -87,7 +88,7 @@ def test_quantile_sketch_within_documented_error(synth):
         # one bin of the sketch, plus the gap between neighbouring order statistics
         gap = np.abs(np.arcsinh(np.quantile(x[lang == li], [0.1, 0.5, 0.9], axis=0, method="lower"))
                      - np.arcsinh(np.quantile(x[lang == li], [0.1, 0.5, 0.9], axis=0, method="higher")))
-        assert np.all(err <= mo.HIST_WIDTH + gap + 1e-9)
+        assert np.all(err <= sk.HIST_WIDTH + gap + 1e-9)
 
 
 def test_cache_hit_reads_no_activations(tmp_path, monkeypatch):
@@ -138,7 +139,7 @@ def test_readonly_store_recomputes(tmp_path, monkeypatch):
     def readonly(path):
         raise PermissionError(f"{path}: read-only file system")
 
-    monkeypatch.setattr(mo, "_open_writable", readonly)
+    monkeypatch.setattr(cache, "_open_writable", readonly)
     s = neurostore.open(synth.path)
     a = mo.group_moments(s, mo.Selection("resid", (0,), "mean", "label"))
     b = mo.group_moments(s, mo.Selection("resid", (0,), "mean", "label"))
@@ -318,18 +319,18 @@ def test_sketch_table_is_the_definition(dtype):
         values = (bits.astype(np.uint16).view(np.float16).astype(np.float64) if dtype == "float16"
                   else (bits << 16).view(np.float32).astype(np.float64))
     ok = ~np.isnan(values)
-    assert np.array_equal(sk.bins(bits.astype(np.uint16), dtype)[ok], mo.hist_bins(values[ok]))
+    assert np.array_equal(sk.bins(bits.astype(np.uint16), dtype)[ok], sk.reference_bins(values[ok]))
 
 
 def test_sketch_float32_bins_exact():
     from neurostore import sketch as sk
 
     rng = np.random.default_rng(0)
-    edges = np.sinh(-mo.HIST_RANGE + np.arange(mo.HIST_BINS + 1) * mo.HIST_WIDTH)
+    edges = np.sinh(-sk.HIST_RANGE + np.arange(sk.HIST_BINS + 1) * sk.HIST_WIDTH)
     x = np.concatenate([
         (rng.standard_normal(200_000) * 30).astype(np.float32),
         edges.astype(np.float32), np.nextafter(edges.astype(np.float32), np.float32(np.inf)),
         np.nextafter(edges.astype(np.float32), np.float32(-np.inf)),
         np.float32([0.0, -0.0, np.inf, -np.inf, 3e38, -3e38, 1e-45, -1e-45]),
     ])
-    assert np.array_equal(sk.bins(x, "float32"), mo.hist_bins(x.astype(np.float64)))
+    assert np.array_equal(sk.bins(x, "float32"), sk.reference_bins(x.astype(np.float64)))

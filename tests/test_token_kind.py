@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import neurostore
 import tiny
 from cli.query import app
+from neurostore import cache
 from neurostore import moments as mo
 from neurostore import query as q
 from neurostore.extract import ExtractOptions, extract
@@ -118,8 +119,8 @@ def test_cache_keys_and_default_unchanged(synth, tmp_path):
     plain = q.selection(store, "resid", 1, rows="tokens")
     text = q.selection(store, "resid", 1, rows="tokens", where={"token_kind": ["text"]})
     assert every == plain and every.token_kind is None and text.token_kind == ("text",)
-    assert mo.cache_key(store, every, 1) == mo.cache_key(store, plain, 1)
-    assert mo.cache_key(store, text, 1)[0] != mo.cache_key(store, plain, 1)[0]
+    assert cache.cache_key(store, every, 1) == cache.cache_key(store, plain, 1)
+    assert cache.cache_key(store, text, 1)[0] != cache.cache_key(store, plain, 1)[0]
     first = mo.group_moments(store, text)  # computes and caches
     again = mo.group_moments(store, text)
     assert again.from_cache == [True] and np.array_equal(first.mean, again.mean)
