@@ -1,12 +1,12 @@
 """`neurostore intervene`: ablate, set or amplify a neuron set in a classifier and measure the effect.
 
+The workflow is the library's (``neurostore.intervene.run``); this module parses options and renders.
 torch and transformers are imported inside the command, so `neurostore --help` stays fast.
 """
 
 from __future__ import annotations
 
 import enum
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -77,61 +77,15 @@ def intervene_command(
     fmt: OutputFormat = FORMAT,
 ) -> None:
     from neurostore import intervene as iv
-    from neurostore import models as M
-    from neurostore.corpus import read_corpus
-    from neurostore.errors import NeurostoreError
 
-    neuron_set = iv.load_neuron_set(neurons, site=site, group=group)
-    if neuron_set.n == 0:
-        err_console.print("[yellow]warning:[/] the neuron set is empty: the intervened model is the unmodified model")
-    target = target or (group.split("/")[0] if group else None)
-    if mode is Mode.set and not stats:
-        raise NeurostoreError("--mode set needs --stats STORE (the group statistics to write)")
-    if mode is Mode.set and not (of or target):
-        raise NeurostoreError("--mode set needs --of GROUP (the label or language whose statistic to write)")
-    texts = read_corpus(corpus, fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col)
-    dev = M.resolve_device(device)
-    torch_dtype = M.resolve_dtype(dtype, dev)
-    loaded = M.load(model, dev)
-    if loaded.classes is None:
-        raise NeurostoreError(f"--model {model}: not a sequence classifier (its config names no ...ForSequenceClassification)")
-    pooled = iv.pooled_position(loaded)
-    if positions is not Positions.all and positions.value != pooled:
-        warnings.warn(
-            f"--positions {positions.value}: a {loaded.model_type} classifier reads the {pooled} token; "
-            f"use --positions {pooled} to act at the pooled position",
-            UserWarning,
-            stacklevel=2,
-        )
-    site_info = M.resolve_sites(loaded, [neuron_set.site], None, module_pattern)[neuron_set.site]
-    iv.check_neuron_set(neuron_set, site_info.layers, site_info.width)
-    data = iv.prepare(loaded, texts, max_length=max_length, max_batch_tokens=max_batch_tokens)
-
-    values, extra = None, {}
-    if stats:
-        import neurostore
-
-        store = neurostore.open(stats)
-        iv.check_store(store, loaded, neuron_set.site, site_info.width, torch_dtype)
-        if mode is Mode.set:
-            rows = iv.stat_rows(store, positions.value)
-            values = iv.group_statistic(store, neuron_set.site, sorted(neuron_set.layers), of or target, stat.value, rows=rows)
-            extra = {"stat": stat.value, "of": of or target, "stat_rows": rows, "stats": stats}
-    spec = iv.Intervention(neuron_set, mode.value, alpha, values, positions.value)
     quiet = fmt is not OutputFormat.table
-    result = iv.evaluate(
-        loaded,
-        data,
-        spec,
-        controls=controls,
-        seed=seed,
-        width=site_info.width,
-        target=target,
-        dtype=torch_dtype,
-        module_pattern=module_pattern,
+    result = iv.run(
+        corpus, model, neurons, site=site, group=group, target=target, mode=mode.value, alpha=alpha, stat=stat.value,
+        of=of, stats=stats, positions=positions.value, controls=controls, seed=seed, device=device, dtype=dtype,
+        max_length=max_length, max_batch_tokens=max_batch_tokens, module_pattern=module_pattern,
+        input_format=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col,
         progress=None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]")),
     )
-    result.update(extra)
     if plot is not None:
         from neurostore.plots import plot_intervention
 
