@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -266,10 +267,25 @@ def test_neuron_set_from_json(store):
         q.neuron_set_from_json(s, "love")
 
 
-def test_cached_answers_equal_fresh(store, synth):
-    a = q.correlate(store, "resid", 0, cache=False)
-    q.correlate(store, "resid", 0)  # writes the cache
-    b = q.correlate(neurostore.open(synth.path), "resid", 0)
+def test_cached_answers_equal_fresh(synth, tmp_path, monkeypatch):
+    from neurostore import moments as mo
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(synth.path, path, ignore=shutil.ignore_patterns("cache"))  # no entries of the other tests
+    seen = []  # from_cache of every grouped pass the analyses ran
+    real = mo.group_moments
+
+    def spy(*args, **kwargs):
+        mom = real(*args, **kwargs)
+        seen.append(mom.from_cache)
+        return mom
+
+    monkeypatch.setattr(mo, "group_moments", spy)
+    a = q.correlate(neurostore.open(str(path)), "resid", 0, cache=False)
+    assert seen == [[False]] and not (path / "cache").exists(), "cache=False neither reads nor writes"
+    q.correlate(neurostore.open(str(path)), "resid", 0)  # computes and writes the cache
+    b = q.correlate(neurostore.open(str(path)), "resid", 0)
+    assert seen == [[False], [False], [True]], seen
     np.testing.assert_array_equal(a.matrices, b.matrices)
 
 

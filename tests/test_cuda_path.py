@@ -124,8 +124,9 @@ def _store(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
 def test_cuda_branch_on_cpu_gives_the_cpu_store(tiny_models, tmp_path, monkeypatch, store_dtype):
     opts = dict(sites=["resid", "mlp"], pool=["first", "mean", "last"], store_dtype=store_dtype, max_batch_tokens=96, buffer_mb=1, device="cpu")
+    corpus = tiny.sample_subset(tmp_path / "sample.jsonl")  # 75 sentences: ~30 batches in 2 windows of 1 MB
     plain = tmp_path / "cpu.zarr"
-    ex.extract([str(tiny.DATA)], str(plain), model=str(tiny_models["bert"]), options=ex.ExtractOptions(**opts))
+    ex.extract([str(corpus)], str(plain), model=str(tiny_models["bert"]), options=ex.ExtractOptions(**opts))
 
     api = FakeCuda()
     reads: list[bool] = []
@@ -139,7 +140,7 @@ def test_cuda_branch_on_cpu_gives_the_cpu_store(tiny_models, tmp_path, monkeypat
     monkeypatch.setattr(transfer, "cuda_api", lambda device: api)
     monkeypatch.setattr(transfer.Slot, "host", checked_host)
     faked = tmp_path / "cuda.zarr"
-    res = ex.extract([str(tiny.DATA)], str(faked), model=str(tiny_models["bert"]), options=ex.ExtractOptions(**opts))
+    res = ex.extract([str(corpus)], str(faked), model=str(tiny_models["bert"]), options=ex.ExtractOptions(**opts))
     assert ("use_device", "cpu") in api.log  # the loop runs under the tensors' device
     assert api.events and all(e.synchronized for e in api.events)
     assert reads and all(reads)

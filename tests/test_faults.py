@@ -260,14 +260,16 @@ def test_a_damaged_cache_entry_is_dropped_and_recomputed(store_copy, damage):
     assert third == fresh and not warned
 
 
-def test_a_cache_write_on_a_full_disk_is_one_warning(store_copy, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def test_a_cache_write_on_a_full_disk_is_one_warning(store_copy, monkeypatch, code):
     from neurostore import cache
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(store_copy / "cache"))
+        raise OSError(code, os.strerror(code), str(store_copy / "cache"))
 
     monkeypatch.setattr(cache, "_write_entry", full)
     got, warned = _variance_json(store_copy)
     monkeypatch.undo()
     ref, _ = _variance_json(store_copy)
     assert got == ref and len(warned) == 1 and "could not write the statistics cache" in warned[0], warned
+    assert os.strerror(code) in warned[0], warned

@@ -75,12 +75,13 @@ def arrays(path: Path) -> dict[str, np.ndarray]:
 
 def test_writer_count_and_compression_do_not_change_the_values(tiny_models, tmp_path):
     base = dict(sites=["resid", "mlp"], max_batch_tokens=128, buffer_mb=1, device="cpu")
+    corpus = tiny.sample_subset(tmp_path / "sample.jsonl", every=2)  # half the sample corpus: still several 1 MB windows
     ref = tmp_path / "w1.zarr"
-    extract([str(tiny.DATA)], str(ref), model=str(tiny_models["gpt2"]), options=ExtractOptions(writers=1, **base))
+    extract([str(corpus)], str(ref), model=str(tiny_models["gpt2"]), options=ExtractOptions(writers=1, **base))
     want = arrays(ref)
     for name, extra in (("w3", dict(writers=3)), ("none", dict(writers=2, compression="none")), ("zstd", dict(compression="zstd:5"))):
         out = tmp_path / f"{name}.zarr"
-        res = extract([str(tiny.DATA)], str(out), model=str(tiny_models["gpt2"]), options=ExtractOptions(**base, **extra))
+        res = extract([str(corpus)], str(out), model=str(tiny_models["gpt2"]), options=ExtractOptions(**base, **extra))
         assert res.meta["compression"] == extra.get("compression", "lz4")
         got = arrays(out)
         assert got.keys() == want.keys()

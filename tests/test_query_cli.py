@@ -18,6 +18,8 @@ from cli.plot import app as plot_app
 from cli.query import app
 from neurostore import query as q
 from synth import make_store
+from test_analysis import reference_z
+from test_moments import rows_of
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -74,7 +76,14 @@ def test_rows_filters_and_grouping(synth):
     within = as_json("variance", p, "--within", "label", "--no-zscore")
     assert set(within["top"]) == set(synth.labels) and within["zscore"] is False
     w = as_json("variance", p, "--where", "label=joy,sadness", "--where", "lang=fr")
-    assert w["variance"] is not None
+    assert w["provenance"]["selection"]["filters"] == {"label": ["joy", "sadness"], "lang": ["fr"]}
+    # against the raw rows: z within French over the joy and sadness rows, variance of the two label means
+    x, lang, lab = rows_of(synth, "resid", w["provenance"]["selection"]["rows"], synth.sites["resid"]["layers"].index(w["layer"]))
+    groups = [synth.labels.index("joy"), synth.labels.index("sadness")]
+    keep = (lang == synth.langs.index("fr")) & np.isin(lab, groups)
+    z = reference_z(x[keep], lang[keep])
+    means = np.stack([z[lab[keep] == g].mean(0) for g in groups])
+    assert w["variance"] == pytest.approx(means.var(0), rel=1e-6, abs=1e-9)
 
 
 def test_csv_and_tables(synth):

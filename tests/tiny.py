@@ -19,6 +19,14 @@ def sample_texts() -> list[str]:
     return [json.loads(line)["text"] for line in DATA.read_text(encoding="utf-8").splitlines()]
 
 
+def sample_subset(path: Path, every: int = 4) -> Path:
+    """Every ``every``-th triple of the sample corpus (one sentence each in en, es, fr): its
+    languages and labels in a fraction of the rows, for the benchmarks' smoke tests."""
+    lines = DATA.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[i] for i in range(len(lines)) if (i // 3) % every == 0), encoding="utf-8")
+    return path
+
+
 def _tokenizer(family: str, vocab_size: int = 300):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
     from transformers import PreTrainedTokenizerFast
