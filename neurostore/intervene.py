@@ -32,7 +32,6 @@ Metrics (accuracy, macro-F1, per-label accuracy = recall) are computed here in n
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import batching
+from . import batching, query
 from . import models as M
 from .corpus import Corpus, read_corpus
 from .errors import NeurostoreError
@@ -398,23 +397,15 @@ def group_statistic(
 ) -> dict[int, np.ndarray]:
     """``{layer: per-neuron stat}`` of group ``of`` (``NAME``, or ``label:NAME``, ``lang:NAME``, ``pred:NAME``).
 
-    Read through ``neurostore.query.group_values`` (the store's cached group statistics), imported
-    here so that ablate and gain do not need the query layer.
+    Read through ``neurostore.query.group_values`` (the store's cached group statistics).
     """
     if stat not in STATS:
         raise NeurostoreError(f"--stat {stat!r}: use one of {', '.join(STATS)}")
-    try:
-        group_values = importlib.import_module("neurostore.query").group_values
-    except (ImportError, AttributeError):
-        raise NeurostoreError(
-            "--mode set needs the query layer's group statistics (neurostore.query.group_values), "
-            "which this installation lacks"
-        ) from None
     by, name = _group_column(store, of)
     out = {}
     for layer in layers:
         kwargs = {"rows": rows} if rows else {}
-        values = np.asarray(group_values(store, site, layer, by, name, stat, **kwargs), dtype=np.float32)
+        values = np.asarray(query.group_values(store, site, layer, by, name, stat, **kwargs), dtype=np.float32)
         if not np.all(np.isfinite(values)):
             raise NeurostoreError(f"--of {of!r}: no {stat} in the store for site {site!r} layer {layer} (no rows of that group?)")
         out[layer] = values
