@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import store as st
-from .errors import MACHINE_ERRNOS
 from .plan import Selection
 
 if TYPE_CHECKING:
@@ -84,8 +83,8 @@ def write(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
 
     A local entry is written under a temporary name and renamed into place, so a reader never sees
     half an entry and concurrent queries need no lock. A store that cannot be written (read-only
-    shared storage) is skipped silently; a full disk or an I/O error is one warning: the result is
-    the same without the cache."""
+    shared storage) is skipped silently; any other failure (a full disk, an I/O error) is one
+    warning: the result is the same without the cache."""
     try:
         root = _open_writable(store.paths[0])
         cache = _cache_group(root)
@@ -102,11 +101,13 @@ def write(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
             attrs = {"ok": True, "slice": slice_, "hist": mom.hist is not None, "langs": mom.langs, "groups": mom.groups}
             _write_entry(cache, folder, key, arrays, attrs)
         return True
-    except OSError as err:
-        if err.errno in MACHINE_ERRNOS and err.errno != errno.EROFS:
-            warnings.warn(f"{store.paths[0]}: could not write the statistics cache ({err.strerror}); the results are not affected", stacklevel=2)
+    except (PermissionError, NotImplementedError):  # read-only (shared) storage: recompute next time, silently
         return False
-    except Exception:  # noqa: BLE001 - read-only store, remote store without credentials ...: recompute next time
+    except Exception as err:  # noqa: BLE001 - a full disk, an I/O error, anything else: say so once
+        if isinstance(err, OSError) and err.errno == errno.EROFS:
+            return False
+        why = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
+        warnings.warn(f"{store.paths[0]}: could not write the statistics cache ({why}); the results are not affected", stacklevel=2)
         return False
 
 

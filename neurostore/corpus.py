@@ -123,15 +123,19 @@ def _rows(path: Path, fmt: str, lines: list[str]) -> tuple[list[tuple[int, dict]
             rows.append((n, row))
         return rows, list(columns)
     reader = csv.reader(io.StringIO("\n".join(lines)), delimiter="," if fmt == "csv" else "\t")
+    table = []  # (the line a record starts on, its fields): a quoted field may span lines
     try:
-        table = list(reader)
+        start = 1
+        for values in reader:
+            table.append((start, values))
+            start = reader.line_num + 1
     except csv.Error as err:
         raise NeurostoreError(f"{path}:{reader.line_num}: {err}") from None
     if not table:
         return [], []
-    header = [h.strip() for h in table[0]]
+    header = [h.strip() for h in table[0][1]]
     rows = []
-    for n, values in enumerate(table[1:], start=2):
+    for n, values in table[1:]:
         if not values:
             continue
         if len(values) != len(header):

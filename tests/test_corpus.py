@@ -200,3 +200,12 @@ def test_categories_are_sorted_with_missing_as_minus_one():
     assert categories([None, None]) == ([], [-1, -1])
     # every part of a corpus gets the same codes for the same names, whatever their order
     assert categories(["es", "en"])[0] == categories(["en", "es"])[0]
+
+
+def test_a_bad_csv_row_after_a_quoted_multiline_field_is_named_by_its_line(tmp_path):
+    path = _write(tmp_path / "q.csv", 'text,label\n"two\nlines",joy\nok,joy,extra\n')
+    with pytest.raises(NeurostoreError, match=r"q\.csv:4: 3 fields, but the header has 2"):
+        read_corpus([str(path)])
+    path = _write(tmp_path / "r.csv", 'text,label\n"two\nlines",joy\n"",joy\n')
+    with pytest.raises(NeurostoreError, match=r"r\.csv:4:"):
+        read_corpus([str(path)])

@@ -273,3 +273,14 @@ def test_a_cache_write_on_a_full_disk_is_one_warning(store_copy, monkeypatch, co
     ref, _ = _variance_json(store_copy)
     assert got == ref and len(warned) == 1 and "could not write the statistics cache" in warned[0], warned
     assert os.strerror(code) in warned[0], warned
+
+
+def test_any_other_cache_write_failure_is_one_warning_too(store_copy, monkeypatch):
+    from neurostore import cache
+
+    def broken(*args, **kwargs):
+        raise ValueError("codec pipeline refused the array")
+
+    monkeypatch.setattr(cache, "_write_entry", broken)
+    got, warned = _variance_json(store_copy)
+    assert len(warned) == 1 and "could not write the statistics cache (ValueError: codec pipeline refused" in warned[0], warned
