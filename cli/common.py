@@ -6,6 +6,7 @@ import csv
 import enum
 import functools
 import json
+import os
 import sys
 import warnings
 from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
@@ -180,6 +181,7 @@ def run_extract(
         result = extract(
             paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
             on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run,
+            kill_at=os.environ.get("NEUROSTORE_FAULT"),  # the resume tests' kill points in a child process
         )
     except KeyboardInterrupt:
         progress.stop()

@@ -210,8 +210,8 @@ def extract(
     where, the free space); every committed row stays, and ``resume=True`` completes the store.
     ``wrap_store`` wraps the Zarr store every write goes through (tests inject faults with it);
     ``kill_at`` (e.g. ``"flush:3"``, see :func:`writer.kill_points`) SIGKILLs the process at a write
-    point, for the resume tests. Where it is not given, the ``NEUROSTORE_FAULT`` environment variable
-    sets it (the way those tests reach a ``neurostore extract`` child process); read here only.
+    point, for the resume tests (the CLI takes it from ``NEUROSTORE_FAULT``, the way those tests reach
+    a ``neurostore extract`` child process; the library reads no environment).
     """
     options = options or ExtractOptions()
     t_start = time.perf_counter()
@@ -224,7 +224,7 @@ def extract(
     target = st.zarr_store(out)
     if wrap_store is not None:
         target = wrap_store(target)
-    kills = kill_points(os.environ.get("NEUROSTORE_FAULT") if kill_at is None else kill_at)
+    kills = kill_points(kill_at)
     run = dict(model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
                on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run, t_start=t_start,
                kill_at=kills)
