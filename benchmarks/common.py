@@ -6,6 +6,7 @@ process, read by the child itself at the end) belongs to that row alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,10 +15,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,6 +92,19 @@ def machine(workdir: Path | None = None, threads: int | None = None) -> dict:
         info["workdir"] = str(workdir)
         info["workdir_free_gib"] = round(st.f_bavail * st.f_frsize / (1 << 30), 1)
     return info
+
+
+@contextlib.contextmanager
+def scratch(given: str | None, prefix: str) -> Iterator[Path]:
+    """The benchmark's scratch folder: the one given (``--work``, kept), or a temporary one removed
+    at the end, whatever happens."""
+    work = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if not given:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def jaccard(a: set, b: set) -> float:

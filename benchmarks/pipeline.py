@@ -24,7 +24,6 @@ import argparse
 import os
 import resource
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -207,11 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ns-pipeline-"))
-    work.mkdir(parents=True, exist_ok=True)
     all_rows, tables = [], []
-    try:
+    with common.scratch(a.work, "ns-pipeline-") as work:
         for shape in a.shapes.split(","):
             n_layers, hidden, inter = SHAPES[shape]
             widths = {"resid": (n_layers + 1, hidden), "mlp": (n_layers, inter)}
@@ -258,9 +254,6 @@ def main(argv: list[str] | None = None) -> int:
             print(table, flush=True)
             tables.append(table)
             all_rows.append({"shape": shape, "sites": sites, "tokens": n_tokens, "bytes": nbytes, "raw": results, "summary": rows})
-    finally:
-        if not a.work:
-            shutil.rmtree(work, ignore_errors=True)
     payload = {"benchmark": "pipeline", "quick": a.quick, "machine": common.machine(work if a.work else None, torch.get_num_threads()),
                "settings": vars(a), "runs": all_rows, "tables": tables}
     path = common.save_results(payload, "pipeline-quick" if a.quick else "pipeline", Path(a.results))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -81,20 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     from neurostore import models
     from neurostore.extract import ExtractOptions, extract
 
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ns-precision-"))
-    work.mkdir(parents=True, exist_ok=True)
     loaded = models.load(None, torch.device("cpu"))
     measured = {}
-    try:
+    with common.scratch(a.work, "ns-precision-") as work:
         for compute, store in SETTINGS:
             out = work / f"{compute}-{store}.zarr"
             shutil.rmtree(out, ignore_errors=True)
             extract([str(common.DATA)], str(out), model=loaded,
                     options=ExtractOptions(sites=["resid", "mlp"], dtype=compute, store_dtype=store, device="cpu"))
             measured[(compute, store)] = measure(out)
-    finally:
-        if not a.work:
-            shutil.rmtree(work, ignore_errors=True)
     ref = measured[SETTINGS[0]]
     rows = {f"{c}/{s}": compare(ref, measured[(c, s)]) for c, s in SETTINGS[1:]}
     lines = ["| compute / store | LAPE Jaccard (all / per language) | contrast top-20 Jaccard | variance max / median rel. diff | variance top-20 Jaccard | non-finite |",

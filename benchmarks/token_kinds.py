@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from neurostore.extract import ExtractOptions, extract
 
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ns-kinds-"))
-    work.mkdir(parents=True, exist_ok=True)
-    out = work / "emotions.zarr"
-    try:
+    with common.scratch(a.work, "ns-kinds-") as work:
+        out = work / "emotions.zarr"
         shutil.rmtree(out, ignore_errors=True)
         extract([str(common.DATA)], str(out), options=ExtractOptions(sites=["resid", "mlp"], pool=["first", "mean"], device="cpu"))
         r = measure(out)
-    finally:
-        if not a.work:
-            shutil.rmtree(work, ignore_errors=True)
     per_lang = ", ".join(f"{l} {v:.1%}" for l, v in r["special_share_per_lang"].items())
     lines = [
         "| with vs without --skip-special | value |", "|---|---:|",
