@@ -98,11 +98,20 @@ def blocks(src: ShardSource | ZarrSource, lo: int, hi: int, layers: Sequence[int
     yield from _shard_blocks(src, lo, hi, layers)
 
 
-def damaged(store_dir: str, name: str, lo: int, hi: int, what: str) -> Fault:
+class DamagedRows(Fault):
+    """Stored rows that cannot be read; ``where`` names them (store, array, rows, what failed)
+    without the advice, for ``info --verify``'s list."""
+
+    def __init__(self, where: str, advice: str) -> None:
+        super().__init__(f"{where}; {advice}")
+        self.where = where
+
+
+def damaged(store_dir: str, name: str, lo: int, hi: int, what: str) -> DamagedRows:
     """The one error for unreadable stored rows: which store, array and rows, and what to run."""
-    return Fault(
-        f"{store_dir}: {name} rows {lo}-{hi}: {what}; the store is damaged there: run "
-        f"`neurostore info --verify {store_dir}` to list every damaged chunk"
+    return DamagedRows(
+        f"{store_dir}: {name} rows {lo}-{hi}: {what}",
+        f"the store is damaged there: run `neurostore info --verify {store_dir}` to list every damaged chunk",
     )
 
 

@@ -794,8 +794,8 @@ def verify(store: Store) -> list[str]:
                 for lo in range(0, arr.shape[0], step):
                     try:
                         parts.append(ch.read_zarr(arr, slice(lo, lo + step), lo, min(arr.shape[0], lo + step)))
-                    except Fault as err:
-                        problems.append(str(err).split("; the store is damaged")[0])
+                    except ch.DamagedRows as err:
+                        problems.append(err.where)
                         parts = None
                         break
                 if parts is not None and parts:
@@ -810,8 +810,8 @@ def verify(store: Store) -> list[str]:
                 for li in range(group[name].shape[1]):
                     try:
                         block = next(ch.blocks(src, lo, hi, [li]))[3]
-                    except Fault as err:
-                        problems.append(str(err).split("; the store is damaged")[0] + f" (layer index {li})" * ("layer index" not in str(err)))
+                    except ch.DamagedRows as err:
+                        problems.append(err.where if "layer index" in err.where else f"{err.where} (layer index {li})")
                         continue
                     bad = ~np.isfinite(decode(block, meta["store_dtype"]))
                     if bad.any():
