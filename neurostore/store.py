@@ -233,6 +233,8 @@ def check_metadata(path: str) -> None:
                 f"{name}: damaged metadata, {what}; the store cannot be read as it is "
                 "(re-extract it, or restore the file from a copy)"
             ) from None
+        if doc["node_type"] == "array":
+            dirnames.clear()  # an array's folders hold its chunks (thousands of shards), never metadata
 
 
 def read_meta(group: zarr.Group) -> dict | None:
