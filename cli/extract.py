@@ -54,6 +54,11 @@ def extract_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count corpus rows whose text is empty or missing, instead of stopping at the first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the store's estimated size (rows, tokens, arrays, bytes raw and on disk) against the free space, and exit without writing."),
     no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even where the estimate says the target has too little free space."),
+    stats_only: bool = typer.Option(False, "--stats-only", help="Store no activations: reduce every batch during the forward pass into statistics per language and label (count, mean, variance, P(act > 0), min/max, the quantile sketch, top rows per neuron), enough for variance, correlate, polyglot, lape, select, stats and top-examples. For corpora too large to store; see the README's table of what each mode answers."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="With --stats-only: the groupings whose statistics are kept apart, lang and/or label. \\[default: lang,label]", show_default=False),
+    k: Optional[int] = typer.Option(None, "--k", help="With --stats-only: the top rows kept per neuron and group, for top-examples (0: none). \\[default: 20]", show_default=False),
+    no_sketch: bool = typer.Option(False, "--no-sketch", help="With --stats-only: leave out the quantile sketch (P10/P50/P90; 512 bytes per neuron and group)."),
+    commit_every: float = typer.Option(60.0, "--commit-every", help="With --stats-only: commit the statistics at most this often, in seconds (each commit writes them whole; a kill loses what came after the last one)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted extraction from its last commit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -87,6 +92,11 @@ def extract_command(
         compression=compression,
         device=device,
         writers=writers,
+        stats_only=True if stats_only else None,
+        groups=_split(groups),
+        k=k,
+        sketch=False if no_sketch else None,
+        commit_seconds=commit_every,
     )
     output = OutputFormat.table
     if fmt is not None and fmt in (OutputFormat.table.value, OutputFormat.json.value):

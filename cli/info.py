@@ -37,11 +37,12 @@ def info_command(
             ("non-finite", "none" if not info["nonfinite"] else "; ".join(
                 f"{name} {sum(v.values()):,} (layers {','.join(v)})" for name, v in info["nonfinite"].items())),
             ("batches", "?" if info["real_token_share"] is None else f"{info['real_token_share']:.0%} of computed tokens real (plan v{info['plan']})"),
-            ("compression", f"{info['compression']}, " + (f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?")),
+            *(_mode_rows(info) if info.get("mode") == "stats-only" else
+              [("compression", f"{info['compression']}, " + (f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?"))]),
             ("pooled", ", ".join(info["pool"]) or "none"),
             *_corpus_rows(info),
             ("features", (", ".join(info["features"]) or "none") + (f" (lacks {', '.join(info['lacks'])}: written by an older neurostore)" if info["lacks"] else "")),
-            ("activations", format_bytes(info["activation_bytes"])),
+            *([] if info.get("mode") == "stats-only" else [("activations", format_bytes(info["activation_bytes"]))]),
             ("on disk", format_bytes(info["disk_bytes"])),
         ]
         print_table("store", ["", ""], rows, header=False)
@@ -57,6 +58,14 @@ def info_command(
                 console.print("[green]verify: every committed row is readable and consistent[/]")
     if problems:
         raise typer.Exit(1)
+
+
+def _mode_rows(info: dict) -> list[tuple[str, str]]:
+    """What a stats-only store keeps in place of activations."""
+    stats = info["stats"]
+    kept = f"statistics per {', '.join(stats['groups'])} and token kind; top {stats['k']} rows per neuron; " + (
+        "quantile sketch" if stats["sketch"] else "no quantile sketch (--no-sketch)")
+    return [("mode", f"[cyan]stats-only[/] (no activations): {kept}")]
 
 
 def _corpus_rows(info: dict) -> list[tuple[str, str]]:

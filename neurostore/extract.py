@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, batching, lock, models, space, transfer
+from . import __version__, batching, live, lock, models, space, statsonly, transfer
 from . import store as st
 from .corpus import categories, read_corpus
 from .errors import MACHINE_ERRNOS, NeurostoreError, io_fault
@@ -29,7 +29,7 @@ from .writer import Batch, Window, Writer, kill_points
 # Options that decide what is stored and how it is batched: a resume must use the same ones.
 IDENTITY = (
     "sites", "layers", "pool", "tokens", "dtype", "store_dtype", "max_length", "max_batch_tokens", "buffer_mb",
-    "module_pattern", "part", "compression",
+    "module_pattern", "part", "compression", "stats_only", "groups", "k", "sketch",
 )
 RING_SLOTS = 4
 
@@ -53,6 +53,11 @@ class ExtractOptions:
     device: str = "auto"
     writers: int = 0  # shard writer threads; 0: writer.default_writers() (does not change the bytes)
     checksums: bool = True  # a CRC32C per chunk; off only to measure their cost (benchmarks/pipeline.py)
+    stats_only: bool | None = None  # grouped statistics instead of activations (neurostore.statsonly); default False
+    groups: list[str] | None = None  # stats-only: the groupings kept; default lang,label
+    k: int | None = None  # stats-only: top rows kept per neuron; default statsonly.DEFAULT_K
+    sketch: bool | None = None  # stats-only: keep the quantile sketch; default True
+    commit_seconds: float = 60.0  # stats-only: commit at most this often (a commit writes the statistics whole)
 
 
 @dataclass
@@ -169,6 +174,17 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
         raise NeurostoreError(f"--store-dtype {resolved.store_dtype!r}: use one of {', '.join(st.STORE_DTYPES)}")
     if not resolved.tokens and not resolved.pool:
         raise NeurostoreError("--no-tokens with no --pool would store nothing")
+    resolved.stats_only = bool(opts.stats_only)
+    if resolved.stats_only:
+        resolved.groups = statsonly.parse_groups(opts.groups or list(statsonly.DEFAULT_GROUPS))
+        resolved.k = statsonly.DEFAULT_K if opts.k is None else opts.k
+        if resolved.k < 0:
+            raise NeurostoreError(f"--k {resolved.k}: give the number of top rows to keep per neuron (0: none)")
+        resolved.sketch = True if opts.sketch is None else bool(opts.sketch)
+    else:
+        given = [name for name, v in (("--groups", opts.groups), ("--k", opts.k), ("--no-sketch", opts.sketch is False)) if v not in (None, False)]
+        if given:
+            raise NeurostoreError(f"{', '.join(given)}: they shape a stats-only store; add --stats-only, or drop them")
     if len(set(resolved.sites)) != len(resolved.sites):
         raise NeurostoreError("--sites names a site twice")
     return resolved
@@ -347,18 +363,30 @@ def _extract(
     n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
     token_start = np.concatenate(([0], np.cumsum(n_tokens)[:-1])).astype(np.int64)
 
+    stats_only = bool(opts.stats_only)
+    doc_lang, doc_label = np.asarray(lang_codes[lo:hi], dtype=np.int32), np.asarray(label_codes[lo:hi], dtype=np.int32)
+    cells = None
+    stats_settings = {"groups": opts.groups, "k": opts.k, "sketch": opts.sketch, "entry": None} if stats_only else None
+    if stats_only:
+        shape = {"stats": stats_settings, "tokens": opts.tokens, "pool": opts.pool, "store_dtype": opts.store_dtype,
+                 "sites": {name: {"layers": s.layers, "width": s.width} for name, s in sites.items()}}
+        kinds = details.kind if details.kind is not None else np.zeros(int(n_tokens.sum()), np.int8)
+        cells = live.stream_cells(shape, doc_lang, doc_label, kinds, n_tokens)
     estimate = space.estimate(
         {name: (len(s.layers), s.width) for name, s in sites.items()},
         store_dtype=opts.store_dtype,
-        pool=opts.pool,
-        tokens=opts.tokens,
+        pool=[] if stats_only else opts.pool,
+        tokens=opts.tokens and not stats_only,
         n_tokens=n_tokens,
         texts=part.texts,
-        n_classes=len(loaded.classes or ()),
+        n_classes=0 if stats_only else len(loaded.classes or ()),
         compression=opts.compression,
         done_docs=stored["committed_docs"] if stored is not None else 0,
         done_tokens=stored["committed_tokens"] if stored is not None else 0,
     )
+    if stats_only:
+        for name, (shape_, nbytes) in live.stats_bytes(shape, cells).items():
+            space.add_array(estimate, name, shape_, "statistics", nbytes, 2 * nbytes)  # a commit writes the new entry before dropping the old
     space.measure_free(estimate, out, reclaim=found is not None and overwrite)
     if dry_run:
         done = stored["committed_docs"] if stored is not None else 0
@@ -401,17 +429,18 @@ def _extract(
             plan=plan_version,
             compression=opts.compression,
             checksums=opts.checksums,
+            stats=stats_settings,
         )
         group = st.create(
             target,
             meta,
             texts=part.texts,
-            label=(label_names, np.asarray(label_codes[lo:hi], dtype=np.int32)),
-            lang=(lang_names, np.asarray(lang_codes[lo:hi], dtype=np.int32)),
+            label=(label_names, doc_label),
+            lang=(lang_names, doc_lang),
             n_tokens=n_tokens,
             truncated=truncated,
             token_ids=np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]),
-            classes=loaded.classes,
+            classes=None if stats_only else loaded.classes,
             token_kind=details.kind,
             special_tokens=details.special,
             offsets=details.offsets,
@@ -437,6 +466,16 @@ def _extract(
     todo = windows[first_window:]
     plans = plan_batches(n_tokens, todo, opts, plan_version)
     _cap_heap_growth()
+    if stats_only:
+        t_loop = time.perf_counter()
+        reducer = live.Reducer(group, meta, token_start=token_start, kind=kinds, cells=cells, device=device, host=device.type != "cuda",
+                               commit_seconds=opts.commit_seconds, kill_at=kill_at, on_batch=on_batch)
+        stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, reducer)
+        result.meta = reducer.meta
+        result.seconds = time.perf_counter() - t_start
+        result.stages = {**stages, **reducer.timers, "loop": time.perf_counter() - t_loop}
+        result.warnings = st.describe_nonfinite(reducer.meta.get("nonfinite", {}), opts.store_dtype)
+        return result
     window_tokens = max(int(n_tokens[d0:d1].sum()) for d0, d1 in windows)
     window_docs = max(d1 - d0 for d0, d1 in windows)
     writer = Writer(group, meta, token_start, start_doc, (window_tokens, window_docs), on_batch=on_batch, writers=opts.writers,
@@ -527,11 +566,17 @@ def _run(
     windows: list[tuple[int, int]],
     plans: list[list[np.ndarray]],
     first_index: int,
-    writer: Writer,
+    writer: Writer | live.Reducer,
 ) -> dict:
-    """The forward loop. Returns seconds per stage (host side) and the ring's occupancy."""
+    """The forward loop. Returns seconds per stage (host side) and the ring's occupancy.
+
+    With a :class:`live.Reducer` in place of the writer (``--stats-only``) each batch is gathered
+    and cast exactly as for a full store, then reduced where it is (on the device) instead of being
+    copied out; there is no ring and no copy."""
     store_torch = STORE_TORCH[opts.store_dtype]
     api = transfer.cuda_api(device)
+    if isinstance(writer, live.Reducer):
+        return _run_reduced(loaded, sites, opts, device, compute, ids, n_tokens, token_start, windows, plans, writer, api)
     batches = [b for plan in plans for b in plan]
     max_real = max(int(n_tokens[b].sum()) for b in batches)
     max_docs = max(len(b) for b in batches)
@@ -559,9 +604,7 @@ def _run(
                 inputs = _inputs(padded, slot, device, api)
                 timers["prepare"] += clock() - t
                 t = clock()
-                with models.autocast(device, compute):
-                    out = loaded.model(input_ids=inputs["ids"], attention_mask=inputs["mask"], output_hidden_states=want_hidden)
-                layers_of = {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
+                out, layers_of = _forward(loaded, sites, inputs, device, compute, captured, want_hidden)
                 timers["forward"] += clock() - t
                 t = clock()
                 with _one_thread(api is None):
@@ -587,6 +630,50 @@ def _run(
     if copier is not None:
         stages["copy_device"] = copier.seconds()  # device time of the copies (CUDA events)
     return stages
+
+
+def _run_reduced(
+    loaded: models.LoadedModel, sites: dict[str, models.Site], opts: ExtractOptions, device: torch.device, compute: torch.dtype,
+    ids: list[list[int]], n_tokens: np.ndarray, token_start: np.ndarray, windows: list[tuple[int, int]], plans: list[list[np.ndarray]],
+    reducer: live.Reducer, api: transfer.CudaApi | None,
+) -> dict:
+    """The forward loop of a stats-only extraction: the same batches, forward and gather (so the
+    values are those a full store would hold), reduced by ``reducer``, committed at window ends."""
+    store_torch = STORE_TORCH[opts.store_dtype]
+    hooked = {name: s.modules for name, s in sites.items() if s.modules}
+    want_hidden = "resid" in sites
+    total_tokens = int(n_tokens.sum())
+    timers = {"prepare": 0.0, "forward": 0.0, "gather": 0.0}
+    clock = time.perf_counter
+    with transfer.on_device(device, api), torch.inference_mode(), models.capture(hooked) as captured:
+        for (d0, d1), plan in zip(windows, plans):
+            for docs in plan:
+                t = clock()
+                padded = batching.pad_host([ids[i] for i in docs], loaded.pad_id)
+                inputs = _inputs(padded, None, device, api)
+                timers["prepare"] += clock() - t
+                t = clock()
+                out, layers_of = _forward(loaded, sites, inputs, device, compute, captured, want_hidden)
+                timers["forward"] += clock() - t
+                t = clock()
+                with _one_thread(api is None):
+                    values = gather(layers_of, inputs, opts.tokens, opts.pool, store_torch)
+                del out, layers_of
+                for name in captured:
+                    captured[name] = [None] * len(captured[name])
+                timers["gather"] += clock() - t
+                reducer.add(values, np.asarray(docs), padded.lengths, int(padded.ids.size))
+                del values
+            reducer.end_window(d1, int(token_start[d1]) if d1 < len(n_tokens) else total_tokens)
+    return timers
+
+
+def _forward(loaded: models.LoadedModel, sites: dict[str, models.Site], inputs: dict[str, torch.Tensor], device: torch.device,
+             compute: torch.dtype, captured: dict[str, list], want_hidden: bool) -> tuple[Any, dict[str, list[torch.Tensor]]]:
+    """One forward pass: the model's output and each site's layers (hidden states, hooked modules)."""
+    with models.autocast(device, compute):
+        out = loaded.model(input_ids=inputs["ids"], attention_mask=inputs["mask"], output_hidden_states=want_hidden)
+    return out, {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
 
 
 @contextlib.contextmanager
@@ -615,6 +702,8 @@ def _inputs(padded: batching.Padded, slot: transfer.Slot, device: torch.device, 
     host = {"ids": padded.ids, "mask": padded.mask, "real": padded.real, "lengths": padded.lengths}
     if api is None:
         return {k: torch.from_numpy(v) for k, v in host.items()}
+    if slot is None:  # no staging ring (a stats-only extraction): small synchronous uploads
+        return {k: torch.from_numpy(v).to(device) for k, v in host.items()}
     out = {}
     for key, values in host.items():
         flat = values.reshape(-1)

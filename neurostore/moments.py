@@ -38,6 +38,7 @@ import numpy as np
 from . import cache as cache_mod
 from . import chunks as ch
 from . import sketch as sk
+from . import statsonly
 from . import store as st
 from .errors import NeurostoreError
 from .plan import Plan, RunOptions, Selection, plan_for
@@ -500,6 +501,8 @@ def group_moments(
     run = run or RunOptions(scheduler, workers, cache)
     plan = plan_for(store, sel)
     sel = plan.selection
+    if statsonly.is_stats_only(store):  # the statistics are the store's data: merged, never computed
+        return statsonly.moments(store, plan, quantiles)
     cached: dict[int, dict] = {}
     if run.cache:
         for layer in sel.layers:
@@ -575,6 +578,10 @@ def top_rows(
     run = run or RunOptions(scheduler, workers)
     plan = plan_for(store, sel)
     sel = plan.selection
+    if statsonly.is_stats_only(store):
+        if keep_docs is not None and not np.array_equal(keep_docs, plan.codes >= 0):
+            raise NeurostoreError("top rows of a stats-only store: only the sentences of the plan's groups can be ranked")
+        return statsonly.top_rows(store, plan, neuron, k)
     if keep_docs is None:
         keep_docs = plan.codes >= 0
     tokens = sel.rows == "tokens"

@@ -34,6 +34,7 @@ from . import analysis as an
 from . import chunks as ch
 from . import moments as mo
 from . import sketch as sk
+from . import statsonly
 from .errors import NeurostoreError
 from .provenance import provenance
 from .plan import ALL, MISSING, Plan, RunOptions, Selection, check_site, default_rows, resolve
@@ -246,6 +247,8 @@ def stats(
     if by is not None:
         _require_column(store, by, "stats")
     _check(plan, what="stats", by=by)
+    if quantiles and statsonly.is_stats_only(store) and not statsonly.settings(store)["sketch"]:
+        quantiles = False  # extracted --stats-only --no-sketch: no quantiles to show
     mom = mo.group_moments(store, plan, quantiles=quantiles, run=_opts(run, scheduler, workers, cache))
     _check(plan, mom, what="stats", by=by)
     i = 0

@@ -117,6 +117,13 @@ def estimate(
     return out
 
 
+def add_array(est: Estimate, name: str, shape: tuple[int, ...], dtype: str, raw: int, disk: int) -> None:
+    """Count one more array (a stats-only store's statistics) into the estimate."""
+    est.arrays.append({"name": name, "shape": list(shape), "dtype": dtype, "raw_bytes": raw, "disk_bytes": disk})
+    est.raw_bytes += raw
+    est.disk_bytes += disk
+
+
 def measure_free(est: Estimate, out: str, *, reclaim: bool = False) -> Estimate:
     """Fill in the free space of ``out``'s file system (the nearest existing folder); with
     ``reclaim`` (``--overwrite``) the old store's bytes count as free. Object stores are not checked."""

@@ -67,7 +67,9 @@ ATTR = "neurostore"
 #   checksums   a CRC32C after every chunk of every array (activations, tables, cache)
 #   token_kind  tokens/kind: which token rows are text, special tokens of the tokenizer, or audio
 #   token_offsets  tokens/offsets: each token's character span in docs/text (top-examples shows it)
-FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets")
+#   stats_only  a mode, not an improvement: grouped statistics in place of activations (statsonly)
+FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets", "stats_only")
+MODES = ("stats_only",)  # features a store has by choice: never listed as lacking
 # The one layout before features were listed: a store with this and no "features" has none of them.
 SCHEMA_VERSION = 1
 SITES = ("resid", "mlp")
@@ -261,7 +263,7 @@ def store_features(meta: dict, path: str) -> list[str]:
 def missing_features(meta: dict) -> list[str]:
     """Features this version writes that the store lacks (an older store: it still opens)."""
     have = meta.get("features") or (["plan_v2"] if meta.get("plan", 1) >= 2 else [])
-    return [f for f in FEATURES if f not in have]
+    return [f for f in FEATURES if f not in have and f not in MODES]
 
 
 def new_meta(
@@ -281,15 +283,20 @@ def new_meta(
     plan: int = 1,
     compression: str = DEFAULT_COMPRESSION,
     checksums: bool = True,
+    stats: dict | None = None,
 ) -> dict:
     """The group attribute that describes a store; ``committed_*`` and ``complete`` move as it fills.
 
     ``plan`` is the batch plan's version (``batching.PLAN_VERSION``; stores without it used 1),
     ``nonfinite`` counts values the cast to the store dtype made inf or nan (array -> layer ->
-    count), ``batches`` the real and padded tokens of the forward passes run so far.
+    count), ``batches`` the real and padded tokens of the forward passes run so far. ``stats``
+    (``{"groups", "k", "sketch", "entry"}``) makes a stats-only store (:mod:`neurostore.statsonly`).
     """
+    skip = {"plan_v2": plan < 2, "checksums": not checksums, "stats_only": stats is None}
+    extra = {} if stats is None else {"stats": dict(stats)}
     return {
-        "features": [f for f in FEATURES if (f != "plan_v2" or plan >= 2) and (f != "checksums" or checksums)],
+        **extra,
+        "features": [f for f in FEATURES if not skip.get(f)],
         "neurostore_version": version,
         "model": model,
         "compute_dtype": compute_dtype,
@@ -380,7 +387,8 @@ def create(
 
     store_dtype = meta["store_dtype"]
     dtype = numpy_store_dtype(store_dtype)
-    for site, spec in meta["sites"].items():
+    activations = "stats_only" not in features  # a stats-only store keeps statistics (statsonly) in their place
+    for site, spec in meta["sites"].items() if activations else ():
         n_layers, width = len(spec["layers"]), spec["width"]
         shapes = []
         if meta["tokens"]:
@@ -713,8 +721,13 @@ def summary(store: Store) -> dict:
         if (codes < 0).any():
             table["(missing)"] = int((codes < 0).sum())
         counts[column] = table
+    stats_only = "stats_only" in (meta.get("features") or [])
+    if stats_only:
+        raw = 0  # no activations stored
     return {
         "paths": store.paths,
+        "mode": "stats-only" if stats_only else "full",
+        "stats": {k: v for k, v in meta["stats"].items() if k != "entry"} if stats_only else None,
         "model": meta["model"]["name"],
         "model_type": meta["model"].get("model_type"),
         "classifier": meta["model"].get("classifier", False),
@@ -738,7 +751,8 @@ def summary(store: Store) -> dict:
         "plan": meta.get("plan", 1),
         "nonfinite": _sum_counts(m.get("nonfinite", {}) for m in store.metas),
         "real_token_share": _real_share(store.metas),
-        "features": [f for f in FEATURES if not any(f in missing_features(m) for m in store.metas)],
+        "features": [f for f in FEATURES if not any(f in missing_features(m) for m in store.metas)
+                     and (f not in MODES or all(f in (m.get("features") or []) for m in store.metas))],
         "lacks": sorted(set().union(*(missing_features(m) for m in store.metas))),
         "options": meta["options"],
         # where labels and languages came from (None: none found); unusable rows --skip-bad left out
@@ -804,6 +818,11 @@ def verify(store: Store) -> list[str]:
                     tables[f"{sub}/{name}"] = np.concatenate(parts)
         if all(k in tables for k in ("docs/n_tokens", "docs/token_start", "tokens/doc")):
             problems += _check_tables(path, meta, tables["docs/n_tokens"], tables["docs/token_start"], tables["tokens/doc"])
+        if "stats_only" in (meta.get("features") or []):
+            from . import statsonly
+
+            problems += statsonly.verify(path, group, meta)
+            continue
         for name, rows in _activation_arrays(group, meta, docs, toks):
             src = ch.source(group[name])
             chunk, _ = ch.step(src)
