@@ -669,6 +669,11 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
     loaded.sort(key=lambda item: (item[2]["corpus"].get("part") or [0, 1])[0])
     first = loaded[0][2]
     for path, _, meta in loaded[1:]:
+        if ("stats_only" in (meta.get("features") or [])) != ("stats_only" in (first.get("features") or [])):
+            raise NeurostoreError(f"{path}: a stats-only store and a full store cannot be read as one; open them separately")
+        if meta.get("stats", {}).get("groups") != first.get("stats", {}).get("groups"):
+            raise NeurostoreError(f"{path}: keeps statistics per {meta['stats']['groups']}, {loaded[0][0]} per {first['stats']['groups']}; "
+                                  "parts must come from one extraction")
         for key in ("sites", "store_dtype", "pool", "tokens"):
             if meta[key] != first[key]:
                 raise NeurostoreError(f"{path}: its {key!r} differs from {loaded[0][0]}; parts must come from one extraction")

@@ -300,3 +300,33 @@ def test_bad_stats_only_options_are_one_line(tiny_models, tmp_path, extra, messa
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_device_reduction_through_the_extractor_equals_host(pair, tiny_models, tmp_path, monkeypatch):
+    """The CUDA branch (TorchCells: index_add by cell on the device, counts of non-finite values
+    kept on the device until the commit) run by the real extraction loop on CPU tensors."""
+    from neurostore import extract as ex
+
+    class DeviceReducer(live.Reducer):
+        def __init__(self, *args, **kwargs):
+            kwargs["host"] = False
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ex.live, "Reducer", DeviceReducer)
+    subset = tiny.sample_subset(tmp_path / "subset.jsonl", every=4)
+    out, host_out = tmp_path / "device.zarr", tmp_path / "host.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extract([str(subset)], str(out), model=str(tiny_models["bert"]), options=ExtractOptions(**COMMON, stats_only=True, k=4))
+    monkeypatch.undo()
+    extract([str(subset)], str(host_out), model=str(tiny_models["bert"]), options=ExtractOptions(**COMMON, stats_only=True, k=4))
+    got, want = _stats_arrays(out), _stats_arrays(host_out)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=name)
+
+
+def test_mixing_modes_is_refused(pair):
+    full, stats = pair
+    with pytest.raises(NeurostoreError, match="a stats-only store and a full store cannot be read as one"):
+        neurostore.open([full.paths[0], stats.paths[0]])
