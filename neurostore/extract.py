@@ -385,8 +385,8 @@ def _extract(
         done_tokens=stored["committed_tokens"] if stored is not None else 0,
     )
     if stats_only:
-        for name, (shape_, nbytes) in live.stats_bytes(shape, cells).items():
-            space.add_array(estimate, name, shape_, "statistics", nbytes, 2 * nbytes)  # a commit writes the new entry before dropping the old
+        for name, (shape_, raw, disk) in live.stats_bytes(shape, cells).items():
+            space.add_array(estimate, name, shape_, "statistics", raw, 2 * disk)  # a commit writes the new entry before dropping the old
     space.measure_free(estimate, out, reclaim=found is not None and overwrite)
     if dry_run:
         done = stored["committed_docs"] if stored is not None else 0
