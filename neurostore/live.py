@@ -10,9 +10,9 @@ filter and token-kind filter a query asks for is a merge of cells (:mod:`neurost
 
 Two implementations of one reduction, tested against each other: on the host the rows of each
 cell are a contiguous slice and :func:`neurostore.moments.reduce_sorted` (the query pass's own
-reduction) reduces them; on CUDA :class:`TorchCells` does the same with ``index_add_`` /
-``index_reduce_`` by cell id, all on the device, with no host sync per batch (every index comes
-from the host's batch plan). Both shift each value by the cell's running mean before summing
+reduction) reduces them; on CUDA :class:`TorchCells` does the same by cell id (sums by a one-hot
+matmul, min/max by ``index_reduce_``, the sketch by integer ``index_add_``), all on the device,
+with no host sync per batch (every index comes from the host's batch plan). Both shift each value by the cell's running mean before summing
 squares, in float64, so M2 never cancels catastrophically.
 
 Top-k ties are ranked explicitly, like :func:`neurostore.moments.top_rows`: by value, then by the
@@ -263,20 +263,24 @@ class TorchCells:
         sorted_rows = torch.as_tensor(((1 << row_bits(self.store_dtype)) - 1 - rows[order]).astype(np.int64)).to(self.device, non_blocking=True)
         perm = torch.as_tensor(order, dtype=torch.int64).to(self.device, non_blocking=True)
         starts = np.concatenate(([0], np.cumsum(counts[present])[:-1]))
+        # sums by one-hot matmul, not index_add_: float atomics would add in a different order each
+        # run, and a resumed extraction must give the same bits as an uninterrupted one
+        onehot = torch.nn.functional.one_hot(gid, len(self.count)).T.to(torch.float64)
+        onehot32 = onehot.float()  # counts of x > 0: exact in float32 below 2^24 rows a batch
         for j in range(x.shape[0]):
             xl = x[j]
             d = xl.double()
             ref = self.mean[j]
             shifted = d - ref.index_select(0, gid)
-            s1 = torch.zeros_like(ref).index_add_(0, gid, shifted)
-            s2 = torch.zeros_like(ref).index_add_(0, gid, shifted * shifted)
+            s1 = onehot @ shifted
+            s2 = onehot @ (shifted * shifted)
             # Chan's merge with the batch's (mean, M2) about the running mean: delta = s1 / n_b
             m2_b = torch.where(n_b > 0, (s2 - s1 * s1 / n_b.clamp(min=1)).clamp(min=0), torch.zeros_like(s2))
             delta = torch.where(n_b > 0, s1 / n_b.clamp(min=1), torch.zeros_like(s1))
             na = n - n_b
             self.m2[j] += m2_b + delta * delta * na * frac
             self.mean[j] += delta * frac
-            self.pos[j].index_add_(0, gid, (xl > 0).to(torch.int64))
+            self.pos[j] += (onehot32 @ (xl > 0).float()).to(torch.int64)
             self.vmin[j].index_reduce_(0, gid, d, "amin")
             self.vmax[j].index_reduce_(0, gid, d, "amax")
             if self.hist is not None:
