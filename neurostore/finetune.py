@@ -701,7 +701,6 @@ def run(
     def fresh() -> M.LoadedModel:
         return load_model(model, dev, chosen_task, labels, seed=hyper.seed)
 
-    progress.say("loading the model")
     loaded = fresh()
     width = M.resolve_sites(loaded, ["mlp"], None)["mlp"].width
     check_neuron_set(neuron_set, range(loaded.n_layers), width)
