@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -53,7 +54,7 @@ from . import intervene as iv
 from . import models as M
 from .corpus import Corpus, read_corpus
 from .errors import Fault, NeurostoreError
-from .neurons import NeuronSet, check_neuron_set, load_neuron_set, random_controls
+from .neurons import NeuronSet, check_neuron_set, load_neuron_set, parse_neuron_list, random_controls
 
 TASKS = ("auto", "classify", "lm")
 # Per family, relative to one transformer block: the projections whose OUTPUT rows are the MLP
@@ -671,9 +672,15 @@ def run(
     progress = progress or Progress()
     if controls < 0:
         raise NeurostoreError(f"--controls {controls}: expected 0 or more")
-    if not isinstance(neurons, NeuronSet):  # a layer:neuron list is of site mlp unless told otherwise
-        site = site or (None if Path(neurons).is_file() else "mlp")
-    neuron_set = neurons if isinstance(neurons, NeuronSet) else load_neuron_set(neurons, site=site, group=group)
+    if isinstance(neurons, NeuronSet):
+        neuron_set = neurons
+    elif re.fullmatch(r"[\d:,\s]+", str(neurons)) and ":" in str(neurons):
+        # a layer:neuron list is of site mlp unless told otherwise; parsed here, not by load_neuron_set,
+        # whose is_file() fails on a list longer than a file name may be (ENAMETOOLONG)
+        neuron_set = parse_neuron_list(str(neurons), site or "mlp")
+        neuron_set.group = group
+    else:
+        neuron_set = load_neuron_set(str(neurons), site=site, group=group)
     if neuron_set.site != "mlp":
         raise NeurostoreError(
             f"--neurons: site {neuron_set.site!r}; finetune masks MLP neurons (rows of the up projection), "
