@@ -6,6 +6,7 @@ import typer
 
 from cli import demo as demo_cli
 from cli import extract as extract_cli
+from cli import finetune as finetune_cli
 from cli import info as info_cli
 from cli import intervene as intervene_cli
 from cli import plot as plot_cli
@@ -31,6 +32,7 @@ app.add_typer(query_cli.app, name="query")
 app.add_typer(plot_cli.app, name="plot")
 intervene_cli.register(app)
 demo_cli.register(app)
+finetune_cli.register(app)
 
 
 if __name__ == "__main__":
