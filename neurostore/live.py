@@ -189,6 +189,9 @@ class HostCells:
         self.store_dtype, self.sketch, self.k = store_dtype, sketch, k
         self.acc = [mo.empty_partial(n_cells, width, sketch) for _ in range(n_layers)]
         self.top = [np.full((n_cells, k, width), EMPTY, np.int64) for _ in range(n_layers)] if k else None
+        # the k-th best key per cell and neuron: a row below it cannot enter the top-k, and after
+        # the first batches almost none can, so most (cell, neuron) lists are not touched at all
+        self.floor = [np.full((n_cells, width), EMPTY, np.int64) for _ in range(n_layers)] if k else None
 
     def add(self, x: Any, cell: np.ndarray, rows: np.ndarray) -> None:
         """Reduce ``x [layers, n, W]`` (stored values; a torch CPU tensor or numpy) whose rows
@@ -205,7 +208,15 @@ class HostCells:
             if self.top is not None:
                 keys = top_keys(xl, rows, self.store_dtype)
                 for g, s, n in zip(groups.tolist(), starts.tolist(), counts.tolist()):
-                    self.top[j][g] = _keep_top(self.top[j][g], keys[s:s + n], self.k)
+                    new = keys[s:s + n]
+                    cols = np.flatnonzero((new > self.floor[j][g]).any(axis=0))
+                    if not len(cols):
+                        continue
+                    if len(cols) == new.shape[1]:
+                        self.top[j][g] = _keep_top(self.top[j][g], new, self.k)
+                    else:
+                        self.top[j][g][:, cols] = _keep_top(self.top[j][g][:, cols], new[:, cols], self.k)
+                    self.floor[j][g][cols] = self.top[j][g][:, cols].min(axis=0)
 
     def entries(self) -> list[dict]:
         return [entry_from_partial(self.acc[j], None if self.top is None else self.top[j], self.store_dtype) for j in range(len(self.acc))]
@@ -218,6 +229,7 @@ class HostCells:
                     self.acc[j][key] = np.array(e[key], dtype=self.acc[j][key].dtype)
             if self.top is not None:
                 self.top[j] = keys_of(e["top_value"], e["top_row"], self.store_dtype).transpose(0, 2, 1).copy()
+                self.floor[j] = self.top[j].min(axis=1)
 
 
 def host_values(x: Any) -> np.ndarray:
