@@ -1,6 +1,6 @@
 """Stats-only extraction (``extract --stats-only``) against the bare forward pass and a full store.
 
-    python -m benchmarks.stats_only            # packaged MiniLM, 300 mixed-length documents, 2 repeats (~5 min on 2 CPU cores)
+    python -m benchmarks.stats_only            # packaged MiniLM, 300 mixed-length documents, 2 repeats (~4-7 min on 2 shared CPU cores)
     python -m benchmarks.stats_only --quick    # CI-sized: 48 documents, one repeat, no extraction warm-up
 
 One loaded model (loading is never timed: ``extract()`` gets the LoadedModel), sites resid + mlp,
