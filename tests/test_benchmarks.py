@@ -91,3 +91,32 @@ def test_pipeline_quick(tmp_path, monkeypatch):
         assert {"gather", "scatter", "encode", "write", "commit", "wait_slot"} <= set(row["stages"])
         assert 0.8 <= row["real_share"] <= 1
     assert "Targets" in data["tables"][0] and ("PASS" in data["tables"][0] or "short" in data["tables"][0])
+
+
+def test_stats_only_quick(tmp_path):
+    from benchmarks import stats_only
+
+    # smoke-sized: a tiny random BERT, 12 documents, every row once
+    model = tiny.make_model("bert", tmp_path / "bert")
+    assert stats_only.main(["--quick", "--docs", "12", "--model", str(model), "--work", str(tmp_path / "work"),
+                            "--results", str(tmp_path / "results")]) == 0
+    data = _one_result(tmp_path / "results", "stats_only-quick")
+    _check_machine(data)
+    rows = data["summary"]
+    assert set(rows) == {"bare", "stats", "stats_nosketch", "full"}
+    assert len({r["tokens"] for r in rows.values()}) == 1, "every row must see the same tokens"
+    for row in rows.values():
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["x_bare"] > 0
+    assert rows["bare"]["x_bare"] == 1
+    for row in ("stats", "stats_nosketch"):
+        assert rows[row]["stages"]["reduce"] > 0 and rows[row]["commit_seconds"] > 0 and 0 < rows[row]["forward_share"] <= 1
+        assert set(rows[row]["cells"]) == {f"{site}/{r}" for site in ("resid", "mlp") for r in ("tokens", "first", "mean")}
+    sizes = data["sizes"]
+    assert sizes["stats"]["stats_bytes"] > sizes["stats_nosketch"]["stats_bytes"] > 0  # the sketch costs bytes
+    assert sizes["stats"]["activation_bytes"] == 0 and sizes["full"]["stats_bytes"] == 0
+    assert sizes["full"]["activation_bytes"] > 0 and sizes["full"]["mb_per_mtok"] > sizes["full"]["tables_mb_per_mtok"]
+    big = data["llama_2_7b"]
+    assert big["neurons"] == 32 * 11008 + 33 * 4096
+    assert big["sketch"]["bytes_per_neuron_cell"] > big["no_sketch"]["bytes_per_neuron_cell"]
+    assert big["sketch"]["raw_bytes"] == big["neurons"] * big["sketch"]["bytes_per_neuron_cell"] * (big["token_cells"] + 2 * big["doc_cells_per_pooling"])
+    assert "| row |" in data["table_markdown"] and "x bare" in data["table_markdown"]
