@@ -190,9 +190,9 @@ def _targets(store: st.Store, plan: Plan, cells: np.ndarray) -> np.ndarray:
     keep &= lang_index >= 0
     if sel.by is None:
         by_index = np.zeros(len(cells), np.int64)
-    else:
-        by_index = label  # check(): by is a kept grouping, and lang is never a plan's by
-        keep &= label >= 0
+    else:  # check(): by is a kept grouping
+        by_index = lang if sel.by == "lang" else label
+        keep &= by_index >= 0
     for column, values in sel.filters:
         names = store.categories(column)
         codes = lang if column == "lang" else label

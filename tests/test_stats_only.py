@@ -141,8 +141,9 @@ def _close(a, b, path: str = "") -> None:
     lambda s, **c: q.select(s, "resid", method="magnitude", **c),
     lambda s, **c: q.stats(s, "mlp", rows="tokens", **c),
     lambda s, **c: q.stats(s, "resid", 0, by=None, rows="first", **c),
+    lambda s, **c: q.stats(s, "mlp", 1, by="lang", rows="tokens", **c),
 ], ids=["variance", "variance-per-lang", "variance-within-text", "correlate", "correlate-cosine", "polyglot", "lape", "lape-text",
-        "select-frequency", "select-entropy-by-lang", "select-contrast", "select-magnitude", "stats", "stats-by-none"])
+        "select-frequency", "select-entropy-by-lang", "select-contrast", "select-magnitude", "stats", "stats-by-none", "stats-by-lang"])
 def test_stats_only_answers_equal_full_store(pair, call):
     full, stats = pair
     with warnings.catch_warnings():
