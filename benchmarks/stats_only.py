@@ -136,8 +136,9 @@ def stats_bytes_for(sites: dict[str, tuple[int, int]], token_cells: int, doc_cel
 
     meta = {"stats": {"sketch": sketch, "k": k}, "tokens": True, "pool": POOL,
             "sites": {name: {"layers": list(range(n)), "width": w} for name, (n, w) in sites.items()}}
-    cells = {"tokens": SimpleNamespace(table=np.zeros((token_cells, 3))), "docs": SimpleNamespace(table=np.zeros((doc_cells, 3)))}
-    return sum(nbytes for _, nbytes in live.stats_bytes(meta, cells).values())
+    cells = {"tokens": SimpleNamespace(table=np.zeros((token_cells, 3)), rows=np.zeros(token_cells, np.int64)),
+             "docs": SimpleNamespace(table=np.zeros((doc_cells, 3)), rows=np.zeros(doc_cells, np.int64))}
+    return sum(raw for _, raw, _ in live.stats_bytes(meta, cells).values())
 
 
 def per_neuron_cell(sketch: bool, k: int) -> int:

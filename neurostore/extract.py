@@ -470,7 +470,10 @@ def _extract(
         t_loop = time.perf_counter()
         reducer = live.Reducer(group, meta, token_start=token_start, kind=kinds, cells=cells, device=device, host=device.type != "cuda",
                                commit_seconds=opts.commit_seconds, kill_at=kill_at, on_batch=on_batch)
-        stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, reducer)
+        try:
+            stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, reducer)
+        finally:
+            reducer.close()
         result.meta = reducer.meta
         result.seconds = time.perf_counter() - t_start
         result.stages = {**stages, **reducer.timers, "loop": time.perf_counter() - t_loop}

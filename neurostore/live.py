@@ -104,8 +104,8 @@ def stream_cells(meta: dict, lang: np.ndarray, label: np.ndarray, kind: np.ndarr
 
 def stats_bytes(meta: dict, cells: dict[str, Cells]) -> dict[str, tuple[tuple[int, ...], int, int]]:
     """Shape, raw bytes and bytes on disk (an estimate) of each stream's statistics: per cell and
-    neuron 6 float64/int64 moments, the sketch (128 x 4 bytes) and the top-k (16 bytes a slot).
-    On disk the empty bins and slots compress away: the estimate counts 48 bytes of moments, 4
+    neuron 5 float64/int64 moments, the sketch (128 x 4 bytes) and the top-k (16 bytes a slot).
+    On disk the empty bins and slots compress away: the estimate counts 40 bytes of moments, 4
     bytes for each of up to 16 filled bins and 8 for each filled top-k slot per neuron and cell,
     an overestimate by ~2.7x on the sample corpus (108 MB on disk, 1.26 GB raw)."""
     settings = meta["stats"]
@@ -115,9 +115,9 @@ def stats_bytes(meta: dict, cells: dict[str, Cells]) -> dict[str, tuple[tuple[in
         for rows in (["tokens"] if meta["tokens"] else []) + list(meta["pool"]):
             c = cells["tokens" if rows == "tokens" else "docs"]
             neurons = len(spec["layers"]) * spec["width"]
-            raw = len(c.table) * neurons * (6 * 8 + hist + 16 * k)
+            raw = len(c.table) * neurons * (5 * 8 + hist + 16 * k)
             filled = np.minimum(c.rows, 16).sum() * (4 if hist else 0) + np.minimum(c.rows, k).sum() * 8
-            out[f"stats/{site}/{rows}"] = ((len(c.table), len(spec["layers"]), spec["width"]), raw, int(neurons * (len(c.table) * 48 + filled)))
+            out[f"stats/{site}/{rows}"] = ((len(c.table), len(spec["layers"]), spec["width"]), raw, int(neurons * (len(c.table) * 40 + filled)))
     return out
 
 
@@ -196,27 +196,37 @@ class HostCells:
     def add(self, x: Any, cell: np.ndarray, rows: np.ndarray) -> None:
         """Reduce ``x [layers, n, W]`` (stored values; a torch CPU tensor or numpy) whose rows
         belong to cells ``cell [n]`` and are rows ``rows [n]`` of the part."""
+        batch = self.prepare(x, cell, rows)
+        if batch is not None:
+            for j in range(len(self.acc)):
+                self.add_layer(j, batch)
+
+    def prepare(self, x: Any, cell: np.ndarray, rows: np.ndarray) -> tuple | None:
+        """The batch in cell order, for :meth:`add_layer` (None: no row). Layers are independent,
+        so they can be reduced in parallel; one layer's batches must be added in order."""
         values = host_values(x)
         order = mo._group_order(cell)
         if order is None:
-            return
+            return None
         perm, groups, starts, counts = order
-        rows = rows if perm is None else rows[perm]
-        for j in range(values.shape[0]):
-            xl = values[j] if perm is None else values[j][perm]
-            mo.merge_into(self.acc[j], mo.reduce_sorted(xl, groups, starts, counts, self.store_dtype, self.sketch), groups)
-            if self.top is not None:
-                keys = top_keys(xl, rows, self.store_dtype)
-                for g, s, n in zip(groups.tolist(), starts.tolist(), counts.tolist()):
-                    new = keys[s:s + n]
-                    cols = np.flatnonzero((new > self.floor[j][g]).any(axis=0))
-                    if not len(cols):
-                        continue
-                    if len(cols) == new.shape[1]:
-                        self.top[j][g] = _keep_top(self.top[j][g], new, self.k)
-                    else:
-                        self.top[j][g][:, cols] = _keep_top(self.top[j][g][:, cols], new[:, cols], self.k)
-                    self.floor[j][g][cols] = self.top[j][g][:, cols].min(axis=0)
+        return values, perm, groups, starts, counts, rows if perm is None else rows[perm], x
+
+    def add_layer(self, j: int, batch: tuple) -> None:
+        values, perm, groups, starts, counts, rows, _ = batch
+        xl = values[j] if perm is None else values[j][perm]
+        mo.merge_into(self.acc[j], mo.reduce_sorted(xl, groups, starts, counts, self.store_dtype, self.sketch), groups)
+        if self.top is not None:
+            keys = top_keys(xl, rows, self.store_dtype)
+            for g, s, n in zip(groups.tolist(), starts.tolist(), counts.tolist()):
+                new = keys[s:s + n]
+                cols = np.flatnonzero((new > self.floor[j][g]).any(axis=0))
+                if not len(cols):
+                    continue
+                if len(cols) == new.shape[1]:
+                    self.top[j][g] = _keep_top(self.top[j][g], new, self.k)
+                else:
+                    self.top[j][g][:, cols] = _keep_top(self.top[j][g][:, cols], new[:, cols], self.k)
+                self.floor[j][g][cols] = self.top[j][g][:, cols].min(axis=0)
 
     def entries(self) -> list[dict]:
         return [entry_from_partial(self.acc[j], None if self.top is None else self.top[j], self.store_dtype) for j in range(len(self.acc))]
@@ -355,8 +365,10 @@ class Reducer:
     writes the statistics whole) and at the last window."""
 
     def __init__(self, group: Any, meta: dict, *, token_start: np.ndarray, kind: np.ndarray, cells: dict[str, Cells], device: Any,
-                 host: bool, commit_seconds: float, kill_at: dict[str, int] | None = None, on_batch: Any = None) -> None:
+                 host: bool, commit_seconds: float, kill_at: dict[str, int] | None = None, on_batch: Any = None,
+                 threads: int = 2) -> None:
         import time
+        from concurrent.futures import ThreadPoolExecutor
 
         from . import statsonly
 
@@ -393,6 +405,26 @@ class Reducer:
                                 "the store is damaged: extract it again with --overwrite")
                 stream.load(found[1])
         self.last_commit = time.perf_counter()
+        # host: a batch's layers are reduced on a pool while the next batch runs forward; one batch
+        # in flight at a time, so each layer's batches are merged in order (the same bits on resume)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="neurostore-reduce") if host and threads > 0 else None
+        self.pending: list[Any] = []
+
+    def wait(self) -> None:
+        """Until the batch in flight is reduced (its error, if any, is raised here)."""
+        import time
+
+        t0 = time.perf_counter()
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+        self.timers["wait_reduce"] = self.timers.get("wait_reduce", 0.0) + time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True)
 
     def _fault(self, point: str) -> None:
         if point in self.kill_at:
@@ -408,6 +440,7 @@ class Reducer:
         layer-major), ``docs`` the part's sentence indices in batch order, ``lengths`` their tokens."""
         import time
 
+        self.wait()
         t0 = time.perf_counter()
         docs, lengths = np.asarray(docs, np.int64), np.asarray(lengths, np.int64)
         n_real = int(lengths.sum())
@@ -417,10 +450,13 @@ class Reducer:
         nbytes = 0
         for (site, rows), stream in self.streams.items():
             x = values[f"tok:{site}" if rows == "tokens" else f"doc:{site}/{rows}"]
-            if rows == "tokens":
-                stream.add(x, tok_cell, tok_rows)
+            cell, where = (tok_cell, tok_rows) if rows == "tokens" else (doc_cell, docs)
+            if self.pool is None:
+                stream.add(x, cell, where)
             else:
-                stream.add(x, doc_cell, docs)
+                batch = stream.prepare(x, cell, where)
+                if batch is not None:
+                    self.pending += [self.pool.submit(stream.add_layer, j, batch) for j in range(x.shape[0])]
             nbytes += x.numel() * x.element_size()
         self._count_nonfinite(values)
         self.real += n_real
@@ -472,6 +508,7 @@ class Reducer:
         import time
 
         self._fault("window")
+        self.wait()
         last = docs_end >= self.meta["n_docs"]
         if last or time.perf_counter() - self.last_commit >= self.commit_seconds:
             self.commit(docs_end, tokens_end, last)
