@@ -204,3 +204,34 @@ def run_extract(
         + f") -> {out} in {result.seconds:.1f}s; see: neurostore info {out}"
     )
     return result
+
+
+def run_parts(paths: list[str], out: str, n: int, *, model: Optional[str], options: "Any", corpus_options: Optional[dict],
+              resume: bool, overwrite: bool, quiet: bool, devices: Optional[list[str]], scheduler: Optional[str]) -> Any:
+    """``extract --parts N``: every part under one progress bar, read from the parts' commits."""
+    from neurostore.parts import extract_parts
+
+    progress = Progress(
+        TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("sentences ({task.fields[where]})"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console, disable=quiet, transient=False,
+    )
+    where = f"{n} parts" + (f" on {','.join(devices)}" if devices else f" on {scheduler}" if scheduler else ", one after another")
+    task = progress.add_task("extract", total=None, where=where)
+
+    def on_progress(docs: int, tokens: int, total: int) -> None:
+        progress.update(task, completed=docs, total=total or None)
+
+    progress.start()
+    try:
+        result = extract_parts(paths, out, n, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
+                               devices=devices, scheduler=scheduler, on_progress=on_progress)
+    except KeyboardInterrupt:
+        progress.stop()
+        fail(f"interrupted; continue with: neurostore extract ... --out {out} --parts {n} --resume", code=130)
+    finally:
+        progress.stop()
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"[green]done[/]: {result.docs:,} sentences, {result.tokens:,} tokens in {n} parts -> {out} in {result.seconds:.1f}s; "
+                  f"see: neurostore info {out}")
+    return result

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import OutputFormat, handle_errors, print_json, print_table, run_extract
+from cli.common import OutputFormat, handle_errors, print_json, print_table, run_extract, run_parts
 from cli.options import DEVICE, INPUT_FORMAT, SAMPLE_CORPUS, parse_int_list, split_names
 from neurostore.space import format_bytes
 
@@ -44,6 +44,9 @@ def extract_command(
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Token budget per batch, padding included; batches are length-sorted and at least 80% real tokens. \\[default: auto from the device: 512 on CPU; 32768 on CUDA, less where a batch's activations pass 1 GiB]", show_default=False),
     buffer_mb: Optional[int] = typer.Option(None, "--buffer-mb", help="One window of activations, written and committed together (two are held). \\[default: auto from the device: 256 on CPU; on CUDA four batches' worth]", show_default=False),
     module_pattern: Optional[str] = typer.Option(None, "--module-pattern", help="Glob naming the modules whose outputs are the mlp site, for architectures not known, e.g. 'encoder.layer.*.intermediate'. \\[default: the known module of the model's family]", show_default=False),
+    parts: Optional[int] = typer.Option(None, "--parts", help="Extract in N parts into the folder --out (one store per part, read as one by every command), on --devices or a --scheduler cluster, or one after another. \\[default: one store]", show_default=False),
+    devices: Optional[str] = typer.Option(None, "--devices", help="With --parts: a local cluster with one worker per device, e.g. cuda:0,cuda:1 (cpu,cpu runs two CPU workers). \\[default: the parts run one after another here]", show_default=False),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="With --parts: run each part as a task on this Dask scheduler (tcp://host:8786); start each worker with --resources GPU=1 and its own GPU. \\[default: no cluster]", show_default=False),
     part: Optional[str] = typer.Option(None, "--part", help="Extract the i-th of N equal slices of the corpus (0-based, e.g. 0/4) into its own store; query the parts together. \\[default: the whole corpus]", show_default=False),
     input_format: Optional[str] = INPUT_FORMAT,
     fmt: Optional[str] = typer.Option(None, "--format", help="How --dry-run prints its estimate: table or json (jsonl, csv, tsv, text: the corpus format, as --input-format). \\[default: table]", show_default=False),
@@ -106,6 +109,14 @@ def extract_command(
     elif fmt is not None:
         raise NeurostoreError(f"--format {fmt!r}: use table or json (how --dry-run prints); the corpus format is --input-format")
     corpus_options = dict(fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col, lang=lang, skip_bad=skip_bad)
+    if parts is not None or devices or scheduler:
+        if parts is None:
+            raise NeurostoreError("--devices/--scheduler: they run the parts of --parts N; add --parts")
+        if dry_run:
+            raise NeurostoreError("--dry-run with --parts: estimate one store without --parts (the parts add up to it)")
+        run_parts(paths, out, parts, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
+                  quiet=quiet, devices=_split(devices), scheduler=scheduler)
+        return
     result = run_extract(
         paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite, quiet=quiet,
         space_check=not no_space_check, dry_run=dry_run,

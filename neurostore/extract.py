@@ -207,6 +207,7 @@ def extract(
     dry_run: bool = False,
     wrap_store: Callable[[Any], Any] | None = None,
     kill_at: str | dict[str, int] | None = None,
+    lock_owner: str | None = None,
 ) -> ExtractResult:
     """Extract activations of ``corpus_paths`` into the store at ``out``.
 
@@ -227,7 +228,8 @@ def extract(
     ``wrap_store`` wraps the Zarr store every write goes through (tests inject faults with it);
     ``kill_at`` (e.g. ``"flush:3"``, see :func:`writer.kill_points`) SIGKILLs the process at a write
     point, for the resume tests (the CLI takes it from ``NEUROSTORE_FAULT``, the way those tests reach
-    a ``neurostore extract`` child process; the library reads no environment).
+    a ``neurostore extract`` child process; the library reads no environment). ``lock_owner``: see
+    :func:`neurostore.lock.acquire` (``extract --parts`` on a cluster).
     """
     options = options or ExtractOptions()
     t_start = time.perf_counter()
@@ -249,7 +251,7 @@ def extract(
     _check_writable(out)
     _make_folder(out)  # here, not in the lock's first write: what the system refuses is one line
     try:
-        held = lock.acquire(target, out)
+        held = lock.acquire(target, out, owner=lock_owner)
         try:
             return _extract(corpus_paths, out, target, **run)
         finally:

@@ -40,11 +40,16 @@ class Lock:
     token: str
 
 
-def acquire(store: Any, where: str) -> Lock:
-    """Take the store's lock or raise :class:`NeurostoreError` naming its holder (exit 2)."""
+def acquire(store: Any, where: str, owner: str | None = None) -> Lock:
+    """Take the store's lock or raise :class:`NeurostoreError` naming its holder (exit 2).
+
+    ``owner``: a token naming the run this writer belongs to (``extract --parts`` hands one per part
+    to every attempt): a lock held under the same owner is an earlier attempt that died (its worker
+    was lost, on whatever host) and is taken over; the scheduler runs one attempt of a part at a time."""
     mine = {
         "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **({"owner": owner} if owner else {}),
     }
     data = default_buffer_prototype().buffer.from_bytes(json.dumps(mine).encode())
     for _ in range(3):
@@ -55,7 +60,7 @@ def acquire(store: Any, where: str) -> Lock:
             return Lock(store, where, mine["token"])
         if held is None:
             continue  # released between our write and our read: try again
-        if not _stale(held):
+        if not _stale(held) and not (owner and held.get("owner") == owner):
             raise NeurostoreError(
                 f"{where}: another extraction is writing this store ({describe(held)}); wait for it to end "
                 f"(if it is gone, remove {where.rstrip('/')}/{KEY})"

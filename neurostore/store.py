@@ -640,6 +640,21 @@ class Store:
         return list(names)
 
 
+def _expand_parts_folders(paths: list[str]) -> list[str]:
+    """A folder written by ``extract --parts N`` stands for its N part stores."""
+    from .parts import read_folder
+
+    out = []
+    for path in paths:
+        parts = read_folder(path) if "://" in path or os.path.isdir(path) else None
+        if parts is not None:
+            missing = [p for p in parts if "://" not in p and not os.path.exists(os.path.join(p, "zarr.json"))]
+            if missing:
+                raise NeurostoreError(f"{path}: part {os.path.basename(missing[0])} was never started; finish it with extract --parts ... --resume")
+        out += parts if parts is not None else [path]
+    return out
+
+
 def _ranges(values: Iterable[int]) -> str:
     values = sorted(values)
     if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
@@ -658,6 +673,7 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
         paths = [paths]
     if not paths:
         raise NeurostoreError("no store given")
+    paths = _expand_parts_folders([str(p) for p in paths])
     loaded = []
     for path in paths:
         group = open_checked(str(path), storage_options)
