@@ -3,6 +3,7 @@ with a hand-written hook, CRANE's selectivity, controls, neuron sets across mode
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -52,13 +53,17 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _hf(folder: Path):
+    import transformers as T
+
+    return T.AutoModelForCausalLM.from_pretrained(folder).eval(), T.AutoTokenizer.from_pretrained(folder)
+
+
 def _reference(folder: Path, corpus: Path, site: str, layer: int, neurons: list[int], edit) -> dict:
     """Per-language mean next-token loss from transformers' own ``loss`` (one unpadded sentence at
     a time) with a hand-written forward hook that applies ``edit`` to the chosen neurons."""
-    import transformers as T
-
-    model = T.AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = T.AutoTokenizer.from_pretrained(folder)
+    model, tok = _hf(folder)
     blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
     if site == "mlp":
         module = blocks[layer].mlp.act if hasattr(blocks[layer].mlp, "act") else blocks[layer].mlp.act_fn
@@ -209,6 +214,7 @@ def test_cli_table_json_csv_and_refusals(lms, corpus_file):
     assert out["baseline"]["per_label"] and out["intervened"]["effect"]["by"] == "lang"
     assert "selectivity" in out["intervened"]["effect"] and len(out["controls"]) == 2
 
+    args[-3] = "1"  # one control is enough for the renderings
     table = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
     for words in ("perplexity", "lang fr (target)", "selectivity", "controls"):
@@ -225,3 +231,9 @@ def test_cli_table_json_csv_and_refusals(lms, corpus_file):
         assert bad.exit_code == 2, bad.output
         lines = [line for line in bad.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in bad.output
+
+
+def test_a_bare_decoder_is_refused(corpus_file, tmp_path):
+    bare = tiny.make_model("gpt2", tmp_path / "bare")  # GPT2Model: no language-model head
+    with pytest.raises(NeurostoreError, match="neither a sequence classifier nor a causal LM"):
+        iv.run([corpus_file], str(bare), "0:1", site="mlp", device="cpu")
