@@ -1,4 +1,5 @@
-"""`neurostore intervene`: ablate, set or amplify a neuron set in a classifier and measure the effect.
+"""`neurostore intervene`: ablate, set or amplify a neuron set in a classifier or a causal LM and
+measure the effect.
 
 The workflow is the library's (``neurostore.intervene.run``); this module parses options and renders.
 torch and transformers are imported inside the command, so `neurostore --help` stays fast.
@@ -14,6 +15,7 @@ import typer
 
 from cli.common import OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
 from cli.options import DEVICE, FORMAT, INPUT_FORMAT
+from neurostore.errors import NeurostoreError
 
 
 class Mode(str, enum.Enum):
@@ -39,8 +41,9 @@ def register(app: typer.Typer) -> None:
     app.command(
         "intervene",
         help=(
-            "Ablate, set or amplify a neuron set of a sequence classifier: accuracy and macro-F1 before "
-            "and after, overall and per label, the self vs cross effect, and random controls.\n\n"
+            "Ablate, set or amplify a neuron set of a sequence classifier (accuracy and macro-F1 before "
+            "and after, overall and per label) or of a causal LM (next-token loss and perplexity per "
+            "language and label, CRANE's selectivity): the self vs cross effect, and random controls.\n\n"
             "Neurons come from any query JSON output or from --neurons 11:523,11:87 with --site. Modes: "
             "ablate (0), set (--stat of --of, read from the --stats store), gain (x --alpha). --controls N "
             "runs N random sets with the same count per layer (reproducible with --seed)."
@@ -50,18 +53,18 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def intervene_command(
-    corpus: list[Path] = typer.Argument(..., help="Labelled evaluation corpus (JSONL, CSV, TSV); gold labels must be the model's labels."),
-    model: str = typer.Option(..., "--model", "-m", help="A sequence-classification model: a local folder or a hub name."),
+    corpus: list[Path] = typer.Argument(..., help="Evaluation corpus (JSONL, CSV, TSV): for a classifier with gold labels (the model's labels); for a causal LM texts with a language and/or label column."),
+    model: str = typer.Option(..., "--model", "-m", help="A sequence classifier or a causal LM (config names ...ForCausalLM / ...LMHeadModel): a local folder or a hub name."),
     neurons: str = typer.Option(..., "--neurons", help="A query JSON output (variance top, polyglot, lape, select) or layer:neuron pairs like 11:523,11:87 (with --site)."),
     site: Optional[str] = typer.Option(None, "--site", help="Site of a layer:neuron list: resid or mlp (a JSON file names its own).", show_default=False),
     group: Optional[str] = typer.Option(None, "--group", help="Which label/language entry of the JSON to use (LABEL/LANG for monolingual polyglot neurons); also the default --target.", show_default="union of all entries"),
-    target: Optional[str] = typer.Option(None, "--target", help="Label (or language) whose accuracy drop is the self effect; the others give the cross effect.", show_default="--group"),
+    target: Optional[str] = typer.Option(None, "--target", help="Label (or language) whose accuracy drop (LM: loss increase) is the self effect; the others give the cross effect.", show_default="--group"),
     mode: Mode = typer.Option(Mode.ablate, "--mode", help="ablate: set to 0; set: overwrite with --stat of --of (needs --stats); gain: multiply by --alpha."),
     alpha: float = typer.Option(2.0, "--alpha", help="Gain factor for --mode gain."),
     stat: Stat = typer.Option(Stat.mean, "--stat", help="Statistic written by --mode set: the group's mean, 10th or 90th percentile."),
     of: Optional[str] = typer.Option(None, "--of", help="Group whose statistic --mode set writes: a label or language of the store (or label:NAME, lang:NAME, pred:NAME).", show_default="--target"),
     stats: Optional[str] = typer.Option(None, "--stats", help="Store of the same model and site: its cached group statistics feed --mode set; its site width and dtype are checked.", show_default=False),
-    positions: Positions = typer.Option(Positions.all, "--positions", help="Act at every real token, or only the pooled position (first for encoders, last for decoders). Padding is never touched."),
+    positions: Positions = typer.Option(Positions.all, "--positions", help="Act at every real token, or only the pooled position (first for encoders, last for decoder classifiers; not last for a causal LM). Padding is never touched."),
     controls: int = typer.Option(0, "--controls", help="Random neuron sets of the same size per layer to run as controls.", min=0),
     seed: int = typer.Option(0, "--seed", help="Seed of the random controls."),
     device: str = DEVICE,
@@ -79,6 +82,11 @@ def intervene_command(
     from neurostore import intervene as iv
 
     quiet = fmt is not OutputFormat.table
+    if plot is not None:  # before the runs: the figure draws a classifier's per-label accuracy
+        from neurostore import models as M
+
+        if iv.is_causal_lm_config(M.read_config(model)):
+            raise NeurostoreError(f"--plot: the figure draws a classifier's per-label accuracy; --model {model} is a causal LM (drop --plot)")
     result = iv.run(
         corpus, model, neurons, site=site, group=group, target=target, mode=mode.value, alpha=alpha, stat=stat.value,
         of=of, stats=stats, positions=positions.value, controls=controls, seed=seed, device=device, dtype=dtype,
@@ -90,10 +98,13 @@ def intervene_command(
         from neurostore.plots import plot_intervention
 
         plot_intervention(result, plot)
+    lm = result.get("task") == "lm"
     if fmt is OutputFormat.json:
         print_json(result)
     elif fmt is OutputFormat.csv:
-        write_csv(*_rows(result))
+        write_csv(*(_lm_rows(result) if lm else _rows(result)))
+    elif lm:
+        _render_lm(result)
     else:
         _render(result, plot)
 
@@ -181,3 +192,90 @@ def _render(result: dict, plot: Path | None) -> None:
         console.print("[dim]No controls: add --controls N to see whether random sets of the same size do as much.[/]")
     if plot is not None:
         console.print(f"plot written to {plot}")
+
+
+def _lm_rows(result: dict) -> tuple[list[str], list[list[Any]]]:
+    """One row per number of a causal LM: loss and perplexity, overall, per language, per label."""
+    base, after, summary = result["baseline"], result["intervened"], result.get("controls_summary") or {}
+    columns = ["metric", "group", "tokens", "baseline", "intervened", "change", "controls_change_mean", "controls_change_std"]
+    rows = []
+    groups = [("all", "all", base, after, summary)]
+    for key, kind in (("per_lang", "lang"), ("per_label", "label")):
+        for name in base.get(key) or {}:
+            groups.append((kind, name, base[key][name], after[key][name], (summary.get(key) or {}).get(name) or {}))
+    for metric in ("loss", "perplexity"):
+        for kind, name, b, a, ctrl in groups:
+            spread = ctrl.get(metric)
+            mean = std = None
+            if spread:
+                mean, std = spread["mean"] - b[metric], spread["std"]
+            rows.append([metric, name if kind == "all" else f"{kind}:{name}", b["tokens"], b[metric], a[metric],
+                         a[metric] - b[metric], mean, std])
+    return columns, rows
+
+
+def _how(result: dict) -> str:
+    if result["mode"] == "gain":
+        return f"gain x{result['alpha']:g}"
+    if result["mode"] == "set":
+        return f"set to {result.get('stat')} of {result.get('of')!r}"
+    return "ablate"
+
+
+def _render_lm(result: dict) -> None:
+    neurons = result["neurons"]
+    per_layer = ", ".join(f"L{layer}: {n}" for layer, n in neurons["per_layer"].items()) or "none"
+    title = (
+        f"{_how(result)}: {neurons['n']} {neurons['site']} neurons ({per_layer})"
+        f"{' of ' + repr(neurons['group']) if neurons.get('group') else ''}, "
+        f"{result['n_sentences']} sentences: next-token loss (nats per token) and perplexity"
+    )
+    n_controls = len(result["controls"])
+    base, after, summary = result["baseline"], result["intervened"], result.get("controls_summary") or {}
+    header = ["", "tokens", "loss", "loss after", "change", "perplexity", "ppl. after"]
+    header += [f"controls loss change, n={n_controls} (mean ± std)"] if n_controls else []
+    rows = []
+    groups = [("all", base, after, summary)]
+    for key, kind in (("per_lang", "lang"), ("per_label", "label")):
+        for name in base.get(key) or {}:
+            label = f"{kind} {name}" + (" (target)" if name == result.get("target") and after["effect"].get("by") == kind else "")
+            groups.append((label, base[key][name], after[key][name], (summary.get(key) or {}).get(name) or {}))
+    for label, b, a, ctrl in groups:
+        row = [label, str(b["tokens"]), f"{b['loss']:.4f}", f"{a['loss']:.4f}", f"{a['loss'] - b['loss']:+.4f}",
+               f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}"]
+        if n_controls:
+            spread = ctrl.get("loss")
+            row.append(f"{spread['mean'] - b['loss']:+.4f} ± {spread['std']:.4f}" if spread else "-")
+        rows.append(row)
+    print_table(title, header, rows)
+
+    eff = after["effect"]
+    ceff = summary.get("effect") or {}
+    by = eff.get("by") or "group"
+    names = [
+        ("loss_increase", "loss increase (all)"),
+        ("self_degradation", f"self degradation ({result.get('target')})"),
+        ("cross_degradation", f"cross degradation (mean of other {by}s)"),
+        ("selectivity", "selectivity (self / cross)"),
+    ]
+    effect_rows = []
+    for key, label in names:
+        value = eff.get(key)
+        if value is None and key != "selectivity":
+            continue
+        if value is None and eff.get("self_degradation") is None:
+            continue
+        row = [label, "n/a (cross <= 0)" if value is None else (f"{value:.2f}" if key == "selectivity" else f"{value:+.4f}")]
+        if n_controls:
+            spread = ceff.get(key)
+            fmt = "{:.2f}" if key == "selectivity" else "{:+.4f}"
+            row.append(f"{fmt.format(spread['mean'])} ± {fmt.format(spread['std']).lstrip('+')}" if spread else "-")
+            row.append(f"{fmt.format(spread['min'])} .. {fmt.format(spread['max'])}" if spread else "-")
+        effect_rows.append(row)
+    header = ["effect (degradation = loss increase, nats)", "selected"]
+    header += ["controls (mean ± std)", "controls (min .. max)"] if n_controls else []
+    print_table("Effect of the intervention (positive = worse than baseline)", header, effect_rows)
+    if not n_controls:
+        console.print("[dim]No controls: add --controls N to see whether random sets of the same size do as much.[/]")
+    if result.get("target") is None:
+        console.print("[dim]No target: pass --group or --target LANG for the self vs cross effect and the selectivity.[/]")

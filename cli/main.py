@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cli import compare as compare_cli
 from cli import demo as demo_cli
 from cli import extract as extract_cli
 from cli import finetune as finetune_cli
@@ -20,7 +21,8 @@ app = typer.Typer(
         "extract: stream activations of every layer and token into a Zarr store. "
         "info: what a store holds. query: out-of-core statistics (variance, correlation, polyglot "
         "neurons, LAPE, selectors). plot: figures from query results. intervene: ablate, set or "
-        "amplify neurons and measure the effect on a classifier."
+        "amplify neurons and measure the effect on a classifier or a language model. compare: overlap "
+        "of neuron sets."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -31,6 +33,7 @@ info_cli.register(app)
 app.add_typer(query_cli.app, name="query")
 app.add_typer(plot_cli.app, name="plot")
 intervene_cli.register(app)
+compare_cli.register(app)
 demo_cli.register(app)
 finetune_cli.register(app)
 

@@ -230,8 +230,8 @@ def select_command(
     site: str = SITE,
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers, like 11 or 0,5,11 or 3-7.", show_default=ALL_LAYERS),
     by: str = BY,
-    method: str = typer.Option("frequency", "--method", help="frequency, entropy, magnitude or contrast."),
-    top: int = typer.Option(20, "--top", help="Neurons per group."),
+    method: str = typer.Option("frequency", "--method", help="frequency, entropy, magnitude, contrast or actprob90 (P(x > 0) above the group's 90th percentile)."),
+    top: Optional[int] = typer.Option(None, "--top", help="Neurons per group (actprob90: at most this many).", show_default="20; actprob90: all above the percentile"),
     filter_rate: float = typer.Option(0.95, "--filter-rate", help="entropy: quantile of all probabilities a candidate must exceed."),
     zscore: bool = ZSCORE,
     pool: Optional[str] = POOL,
@@ -263,7 +263,7 @@ def select_command(
     if fmt == OutputFormat.csv:
         write_csv(["group", "rank", "layer", "neuron", "score"], rows)
         return
-    print_table(title(res, f"{method} selector, top {top} per {by}"), [by, "rank", "layer", "neuron", "score"], rows)
+    print_table(title(res, f"{method} selector, {'top ' + str(res.provenance['parameters']['top']) if res.provenance['parameters'].get('top') else 'all above the 90th percentile'} per {by}"), [by, "rank", "layer", "neuron", "score"], rows)
 
 
 @app.command("top-examples")

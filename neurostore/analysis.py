@@ -239,11 +239,23 @@ def lape(P: np.ndarray, filter_rate: float = 0.95, top_rate: float = 0.01) -> La
     return LapeResult(P, H, t, kept, members)
 
 
-SELECT_METHODS = ("frequency", "entropy", "magnitude", "contrast")
+SELECT_METHODS = ("frequency", "entropy", "magnitude", "contrast", "actprob90")
+# actprob90 keeps the neurons above this percentile of a group's activation probabilities.
+ACTPROB_PERCENTILE = 90.0
+
+
+def actprob_thresholds(n: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Per group ``n [G]``, ``pos [G, n_layers, D]``: the 90th percentile of P(x > 0) over all
+    neurons of the layers given, ``numpy.percentile``'s default (linear) definition; NaN for an
+    empty group."""
+    out = np.full(len(n), np.nan)
+    for g in np.flatnonzero(n > 0):
+        out[g] = float(np.percentile(pos[g] / float(n[g]), ACTPROB_PERCENTILE))
+    return out
 
 
 def select(
-    method: str, n: np.ndarray, pos: np.ndarray, mean: np.ndarray, top: int,
+    method: str, n: np.ndarray, pos: np.ndarray, mean: np.ndarray, top: int | None,
     filter_rate: float = 0.95,
 ) -> list[list[tuple[int, int, float]]]:
     """Emotion-sensitive neuron selectors over groups ``n [G]``, ``pos/mean [G, n_layers, D]``
@@ -252,7 +264,10 @@ def select(
     frequency: P(act > 0 | g), highest first. entropy: LAPE over groups, candidates are the neurons
     with P[g] > t (t as in :func:`lape`), lowest entropy first (score = entropy). magnitude: mean in
     g minus mean over all other rows, highest first. contrast: P[g] minus the highest P among the
-    other groups, highest first.
+    other groups, highest first. actprob90 (Act-Prob-90p): P(act > 0 | g) of the neurons whose P
+    lies strictly above the group's 90th percentile over all neurons given (:func:`actprob_thresholds`;
+    a neuron equal to it is out), highest first. ``top=None`` keeps every ranked neuron; ties rank
+    the lower layer, then the lower neuron, first.
     """
     if method not in SELECT_METHODS:
         raise NeurostoreError(f"--method {method}: expected one of {', '.join(SELECT_METHODS)}")
@@ -265,6 +280,8 @@ def select(
     if method == "entropy":
         H = probability_entropy(P[have])
         t = kth_threshold(P[have], filter_rate)
+    if method == "actprob90":
+        t90 = actprob_thresholds(n, pos)
     for g in range(G):
         if not have[g]:
             out.append([])
@@ -275,6 +292,8 @@ def select(
         elif method == "entropy":
             score = np.where(P[g] > t, H, np.nan)
             largest = False
+        elif method == "actprob90":
+            score = np.where(P[g] > t90[g], P[g], np.nan)
         elif method == "magnitude":
             rest_n = float(n.sum() - n[g])
             if rest_n <= 0:

@@ -27,11 +27,16 @@ installs no hook at all, so it is the unmodified model.
 Controls are random neuron sets with the same number of neurons per layer as the selected set,
 drawn uniformly among the *other* neurons of each layer with ``numpy.random.default_rng(seed)``.
 Metrics (accuracy, macro-F1, per-label accuracy = recall) are computed here in numpy.
+
+A causal language model (a checkpoint whose config names ``...ForCausalLM`` or ``...LMHeadModel``)
+is scored by its mean next-token loss and perplexity per language and label instead (see
+:func:`evaluate_lm`): the standard test of language neurons in a decoder, with CRANE's selectivity.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -493,6 +498,7 @@ def evaluate(
         )
     return {
         "model": loaded.name,
+        "task": "classifier",
         "mode": spec.mode,
         "alpha": spec.alpha if spec.mode == "gain" else None,
         "positions": spec.positions,
@@ -506,6 +512,281 @@ def evaluate(
         "controls": results,
         "controls_summary": summarise_controls(results),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# causal language models: next-token loss and perplexity per group
+
+# Architectures with a language-model head, by the suffix of their class name in the config.
+LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+# Bytes the float32 logits of one batch (and their log-softmax) may take: a 150k-token vocabulary
+# needs 1.2 MB a token, so the default token budget shrinks for large vocabularies.
+LOGIT_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
+
+
+def is_causal_lm_config(config: Any) -> bool:
+    """The config names a causal LM class (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...)."""
+    return any(str(a).endswith(LM_ARCHITECTURES) for a in (getattr(config, "architectures", None) or []))
+
+
+def is_causal_lm(loaded: M.LoadedModel) -> bool:
+    """A loaded model with a language-model head and no classifier head."""
+    if loaded.classes is not None:
+        return False
+    head = getattr(loaded.model, "get_output_embeddings", None)
+    return head is not None and head() is not None
+
+
+def load_lm(name: str, device: torch.device, dtype: torch.dtype | None = None) -> M.LoadedModel:
+    """Load a causal LM *with* its head for inference (``neurostore.models.load`` loads decoders
+    bare, as extraction needs them); weights as ``models.load`` keeps them (float32 unless a half
+    dtype on CUDA)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = M.resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=weights)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad path
+        raise NeurostoreError(f"cannot load model {path!r} as a causal LM: {M._first_line(err)}") from None
+    model.eval().requires_grad_(False).to(device)
+    n_layers = M._n_layers(config)
+    return M.LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, model_type=config.model_type, n_layers=n_layers,
+        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0),
+        device=device, classes=None, blocks=M._find_blocks(model, n_layers), config=config, path=path,
+    )
+
+
+@dataclass
+class LMEvalSet:
+    """A corpus tokenised and cut into batches once for next-token scoring, with its groups."""
+
+    ids: list[list[int]]
+    batches: list[np.ndarray]
+    langs: list[str | None]
+    labels: list[str | None]
+    n_truncated: int = 0
+
+
+def lm_batch_tokens(loaded: M.LoadedModel) -> int:
+    """The default token budget, lowered so that one batch's float32 logits stay under LOGIT_BYTES."""
+    vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
+    cap = LOGIT_BYTES.get(loaded.device.type, LOGIT_BYTES["cpu"]) // (8 * max(vocab, 1))
+    return max(64, min(batching.default_batch_tokens(loaded.device), cap))
+
+
+def prepare_lm(
+    loaded: M.LoadedModel, corpus: Corpus, *, max_length: int | None = None, max_batch_tokens: int | None = None
+) -> LMEvalSet:
+    """Tokenise and plan batches as extraction does; languages and labels are optional groups."""
+    limit = max_length or loaded.max_length()
+    if limit > loaded.max_length():
+        raise NeurostoreError(f"--max-length {limit}: the model accepts at most {loaded.max_length()} tokens")
+    ids, truncated = batching.tokenize(loaded.tokenizer, corpus.texts, limit)
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    return LMEvalSet(
+        ids=ids,
+        batches=batching.plan_batches(lengths, max_batch_tokens or lm_batch_tokens(loaded)),
+        langs=list(corpus.langs),
+        labels=list(corpus.labels),
+        n_truncated=int(truncated.sum()),
+    )
+
+
+def token_losses(
+    loaded: M.LoadedModel,
+    data: LMEvalSet,
+    dtype: torch.dtype = torch.float32,
+    spec: Intervention | None = None,
+    *,
+    module_pattern: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sentence (corpus order): the summed next-token loss in nats (float64) and the number of
+    predicted tokens (every token but the first: token t+1 is predicted from tokens 0..t)."""
+    sums = np.zeros(len(data.ids), dtype=np.float64)
+    counts = np.zeros(len(data.ids), dtype=np.int64)
+    hooks = intervention(loaded, spec, module_pattern=module_pattern) if spec is not None else contextlib.nullcontext(None)
+    outs = []
+    with hooks as state, torch.inference_mode(), M.autocast(loaded.device, dtype):
+        for batch in data.batches:
+            ids, mask = batching.pad([data.ids[i] for i in batch], loaded.pad_id, loaded.device, pin=loaded.device.type == "cuda")
+            if state is not None:
+                state.set_mask(mask)
+            logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+            scored = mask[:, 1:].bool()  # right padding: a real next token has a real context
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), ids[:, 1:][scored], reduction="none")
+            rows = torch.arange(len(batch), device=ids.device)[:, None].expand_as(scored)[scored]
+            per_row = torch.zeros(len(batch), dtype=torch.float64, device=ids.device).index_add_(0, rows, nll.double())
+            outs.append((per_row, scored.sum(dim=1)))  # stays on the device: no host sync per batch
+    if outs:
+        order = np.concatenate(data.batches)
+        sums[order] = torch.cat([o[0] for o in outs]).cpu().numpy()
+        counts[order] = torch.cat([o[1] for o in outs]).cpu().numpy()
+    return sums, counts
+
+
+def _loss_entry(sums: np.ndarray, counts: np.ndarray) -> dict:
+    n = int(counts.sum())
+    loss = float(sums.sum() / n) if n else float("nan")
+    ppl = float("nan") if not n else (math.exp(loss) if loss < 700 else float("inf"))
+    return {"loss": loss, "perplexity": ppl, "tokens": n}
+
+
+def lm_metrics(sums: np.ndarray, counts: np.ndarray, langs: Sequence[str | None], labels: Sequence[str | None]) -> dict:
+    """Mean next-token loss (nats per predicted token, pooled over the group's tokens) and
+    perplexity = exp(loss), overall and per language and label present."""
+    out: dict[str, Any] = _loss_entry(sums, counts)
+    for key, column in (("per_lang", langs), ("per_label", labels)):
+        names = sorted({g for g in column if g is not None})
+        if names:
+            arr = np.array([g if g is not None else "" for g in column], dtype=object)
+            out[key] = {g: _loss_entry(sums[arr == g], counts[arr == g]) for g in names}
+    return out
+
+
+def lm_effect(base: dict, after: dict, target: str | None) -> dict:
+    """Degradation = increase of the mean next-token loss (nats), overall and per group; self =
+    the target group's, cross = the mean over the other groups of its column; CRANE's selectivity
+    = self / cross (None where cross <= 0: the other groups do not degrade)."""
+    out: dict[str, Any] = {
+        "loss_increase": after["loss"] - base["loss"],
+        "perplexity_change": after["perplexity"] - base["perplexity"],
+        "by": None, "self_degradation": None, "cross_degradation": None, "selectivity": None,
+    }
+    for key in ("per_lang", "per_label"):
+        if key in base:
+            out[key] = {g: after[key][g]["loss"] - base[key][g]["loss"] for g in base[key]}
+    for key in ("per_lang", "per_label"):
+        if target is not None and target in (base.get(key) or {}):
+            degr = out[key]
+            others = [degr[g] for g in degr if g != target and not math.isnan(degr[g])]
+            out["by"] = "lang" if key == "per_lang" else "label"
+            out["self_degradation"] = degr[target]
+            if others:
+                cross = float(np.mean(others))
+                out["cross_degradation"] = cross
+                out["selectivity"] = degr[target] / cross if cross > 0 else None
+            break
+    return out
+
+
+def summarise_lm_controls(controls: list[dict]) -> dict:
+    """Mean and spread over the controls of the losses, perplexities and effects."""
+    if not controls:
+        return {}
+    out: dict[str, Any] = {k: _spread([c[k] for c in controls]) for k in ("loss", "perplexity")}
+    for key in ("per_lang", "per_label"):
+        if key in controls[0]:
+            out[key] = {
+                g: {k: _spread([c[key][g][k] for c in controls]) for k in ("loss", "perplexity")} for g in controls[0][key]
+            }
+    eff = controls[0]["effect"]
+    out["effect"] = {k: _spread([c["effect"][k] for c in controls]) for k, v in eff.items() if not isinstance(v, (dict, str)) and k != "by"}
+    for key in ("per_lang", "per_label"):
+        if key in eff:
+            out["effect"][key] = {g: _spread([c["effect"][key][g] for c in controls]) for g in eff[key]}
+    return out
+
+
+def evaluate_lm(
+    loaded: M.LoadedModel,
+    data: LMEvalSet,
+    spec: Intervention,
+    *,
+    controls: int = 0,
+    seed: int = 0,
+    width: int | None = None,
+    target: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    module_pattern: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Baseline, intervened and control runs of a causal LM on ``data``: the JSON-able result of
+    ``intervene`` on a decoder (``"task": "lm"``)."""
+    say = progress or (lambda _msg: None)
+    if controls and width is None:
+        raise ValueError("controls need the site width")
+
+    def scored(s: Intervention | None) -> dict:
+        sums, counts = token_losses(loaded, data, dtype, s, module_pattern=module_pattern)
+        return lm_metrics(sums, counts, data.langs, data.labels)
+
+    say("baseline")
+    baseline = scored(None)
+    say(f"intervened ({spec.neurons.n} neurons)")
+    after = scored(spec)
+    intervened = after | {"effect": lm_effect(baseline, after, target)}
+    results = []
+    for i, control in enumerate(random_controls(spec.neurons, width or 0, controls, seed)):
+        say(f"control {i + 1}/{controls}")
+        c = scored(spec.with_neurons(control))
+        results.append(c | {"effect": lm_effect(baseline, c, target)} | {"neurons": {str(k): v for k, v in control.layers.items()}})
+    return {
+        "model": loaded.name,
+        "task": "lm",
+        "mode": spec.mode,
+        "alpha": spec.alpha if spec.mode == "gain" else None,
+        "positions": spec.positions,
+        "target": target,
+        "n_sentences": len(data.ids),
+        "n_truncated": data.n_truncated,
+        "n_unscored": int(sum(len(x) < 2 for x in data.ids)),
+        "seed": seed,
+        "neurons": spec.neurons.describe() | {"layers": {str(k): v for k, v in spec.neurons.layers.items()}},
+        "baseline": baseline,
+        "intervened": intervened,
+        "controls": results,
+        "controls_summary": summarise_lm_controls(results),
+    }
+
+
+def neuron_source(spec: str | Path, site: str) -> dict | None:
+    """The model a query JSON's neurons were found on, from its provenance: model name, type,
+    layer count and the site's width as the store recorded them (the model's config when the
+    store is gone; the width is then unknown). None where the JSON has no provenance."""
+    try:
+        obj = json.loads(Path(spec).read_text(encoding="utf-8"))
+        stored = obj["provenance"]["store"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for path in stored.get("paths") or []:
+        if not Path(path).exists():
+            continue
+        try:
+            meta = open_store(str(path)).meta
+        except NeurostoreError:
+            continue
+        model = meta.get("model") or {}
+        width = (meta.get("sites") or {}).get(site, {}).get("width")
+        return {"model": model.get("name"), "model_type": model.get("model_type"), "n_layers": model.get("n_layers"),
+                "width": int(width) if width is not None else None, "from": str(path)}
+    config = M.read_config(stored["model_path"]) if stored.get("model_path") and Path(stored["model_path"]).exists() else None
+    if config is None:
+        return {"model": stored.get("model"), "model_type": None, "n_layers": None, "width": None, "from": None}
+    return {"model": stored.get("model"), "model_type": config.model_type, "n_layers": M._n_layers(config),
+            "width": None, "from": str(stored["model_path"])}
+
+
+def check_source(source: dict | None, spec: str, loaded: M.LoadedModel, site: str, width: int) -> None:
+    """A neuron set applies to another model (base -> chat) only of the same architecture and widths."""
+    if not source:
+        return
+    mine = {"model_type": loaded.model_type, "n_layers": loaded.n_layers, "width": width}
+    bad = [k for k, v in mine.items() if source.get(k) is not None and source[k] != v]
+    if bad:
+        def words(d: dict) -> str:
+            return f"{d['model_type']}, {d['n_layers']} layers, {site} {d['width'] if d.get('width') is not None else '?'} wide"
+
+        raise NeurostoreError(
+            f"--neurons {spec}: found on {source.get('model')!r} ({words(source)}) but --model {loaded.name} is "
+            f"{words(mine)}; a neuron set applies only to a model of the same architecture and widths"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,17 +820,21 @@ def run(
     lang_col: str = "lang",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Intervene on a neuron set of a sequence classifier and measure the effect, end to end: the
-    JSON-able result of ``neurostore intervene`` (:func:`evaluate`'s, plus ``stat``, ``of``,
-    ``stat_rows`` and ``stats`` in set mode).
+    """Intervene on a neuron set of a sequence classifier or a causal LM and measure the effect, end
+    to end: the JSON-able result of ``neurostore intervene`` (:func:`evaluate`'s or
+    :func:`evaluate_lm`'s, plus ``stat``, ``of``, ``stat_rows`` and ``stats`` in set mode, and
+    ``neurons_from`` for a query JSON whose provenance names its model).
 
     ``corpus``: corpus files (read with ``input_format``, ``*_col``) or a read :class:`Corpus`;
-    ``model``: a name/folder (loaded on ``device``) or a loaded model; ``neurons``: a query JSON file,
+    ``model``: a name/folder (loaded on ``device``; a config naming ``...ForCausalLM`` or
+    ``...LMHeadModel`` loads as a causal LM) or a loaded model; ``neurons``: a query JSON file,
     ``layer:neuron`` pairs with ``site``, or a :class:`NeuronSet`; ``group`` picks the JSON's entry
     and is the default ``target``; ``stats``: a store (path or opened) of the same model and site,
     checked against the model, whose group statistics ``stat`` of ``of`` (default ``target``) set
-    mode writes. Warnings (empty set, positions that miss the pooled token, another model or dtype
-    in ``stats``) go through :mod:`warnings`."""
+    mode writes. A neuron set found on another model applies when that model has the same
+    architecture, layer count and site width (base -> chat), and is refused otherwise. Warnings
+    (empty set, positions that miss the pooled token, another model or dtype in ``stats``) go
+    through :mod:`warnings`."""
     neuron_set = neurons if isinstance(neurons, NeuronSet) else load_neuron_set(neurons, site=site, group=group)
     if neuron_set.n == 0:
         warnings.warn("the neuron set is empty: the intervened model is the unmodified model", UserWarning, stacklevel=2)
@@ -561,12 +846,28 @@ def run(
     if not isinstance(corpus, Corpus):
         corpus = read_corpus(list(corpus), fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col)
     dev = model.device if isinstance(model, M.LoadedModel) else M.resolve_device(device)
-    torch_dtype = M.resolve_dtype(dtype, dev)
-    loaded = model if isinstance(model, M.LoadedModel) else M.load(model, dev)
-    if loaded.classes is None:
-        raise NeurostoreError(f"--model {loaded.name}: not a sequence classifier (its config names no ...ForSequenceClassification)")
+    if isinstance(model, M.LoadedModel):
+        loaded = model
+        torch_dtype = M.resolve_dtype(dtype, dev)
+    else:
+        config = M.read_config(model)
+        classifier = config is not None and any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or []))
+        lm = not classifier and is_causal_lm_config(config)
+        # an LM runs in its checkpoint's half dtype on CUDA, as extraction does (weights loaded in it)
+        torch_dtype = M.resolve_dtype(dtype, dev, config if lm else None)
+        loaded = load_lm(model, dev, torch_dtype) if lm else M.load(model, dev)
+    lm = is_causal_lm(loaded)
+    if loaded.classes is None and not lm:
+        raise NeurostoreError(
+            f"--model {loaded.name}: neither a sequence classifier nor a causal LM "
+            "(its config names no ...ForSequenceClassification, ...ForCausalLM or ...LMHeadModel)"
+        )
+    if lm and positions == "last":
+        raise NeurostoreError(
+            "--positions last: no next-token loss depends on a causal LM's last token; use --positions all (or first)"
+        )
     pooled = pooled_position(loaded)
-    if positions != "all" and positions != pooled:
+    if not lm and positions != "all" and positions != pooled:
         warnings.warn(
             f"--positions {positions}: a {loaded.model_type} classifier reads the {pooled} token; "
             f"use --positions {pooled} to act at the pooled position",
@@ -574,22 +875,50 @@ def run(
             stacklevel=2,
         )
     site_info = M.resolve_sites(loaded, [neuron_set.site], None, module_pattern)[neuron_set.site]
+    source = neuron_source(neurons, neuron_set.site) if isinstance(neurons, (str, Path)) and _is_json_file(neurons) else None
+    check_source(source, str(neurons), loaded, neuron_set.site, site_info.width)
     check_neuron_set(neuron_set, site_info.layers, site_info.width)
-    data = prepare(loaded, corpus, max_length=max_length, max_batch_tokens=max_batch_tokens)
+    if lm:
+        data = prepare_lm(loaded, corpus, max_length=max_length, max_batch_tokens=max_batch_tokens)
+        _check_target(target, data)
+    else:
+        data = prepare(loaded, corpus, max_length=max_length, max_batch_tokens=max_batch_tokens)
 
     values, extra = None, {}
+    if source:
+        extra["neurons_from"] = source
     if stats is not None:
         store = stats if isinstance(stats, Store) else open_store(str(stats))
         check_store(store, loaded, neuron_set.site, site_info.width, torch_dtype)
         if mode == "set":
             rows = stat_rows(store, positions)
             values = group_statistic(store, neuron_set.site, sorted(neuron_set.layers), of or target, stat, rows=rows)
-            extra = {"stat": stat, "of": of or target, "stat_rows": rows,
-                     "stats": str(stats) if not isinstance(stats, Store) else store.paths[0]}
+            extra |= {"stat": stat, "of": of or target, "stat_rows": rows,
+                      "stats": str(stats) if not isinstance(stats, Store) else store.paths[0]}
     spec = Intervention(neuron_set, mode, alpha, values, positions)
-    result = evaluate(
+    result = (evaluate_lm if lm else evaluate)(
         loaded, data, spec, controls=controls, seed=seed, width=site_info.width, target=target, dtype=torch_dtype,
         module_pattern=module_pattern, progress=progress,
     )
     result.update(extra)
     return result
+
+
+def _is_json_file(spec: str | Path) -> bool:
+    try:
+        return Path(spec).is_file()
+    except OSError:  # a long layer:neuron list is no path
+        return False
+
+
+def _check_target(target: str | None, data: LMEvalSet) -> None:
+    """An LM's target must be a language or label of the corpus: its selectivity is the point."""
+    if target is None:
+        return
+    langs = sorted({g for g in data.langs if g is not None})
+    labels = sorted({g for g in data.labels if g is not None})
+    if target not in langs and target not in labels:
+        raise NeurostoreError(
+            f"--target {target!r} is neither a language ({', '.join(langs) or 'none'}) nor a label "
+            f"({', '.join(labels) or 'none'}) of the corpus; pass --target with one of them"
+        )

@@ -506,7 +506,7 @@ def lape(
 
 def select(
     store: Store, site: str = "resid", layers: Sequence[int] | int | None = None, *, by: str = "label",
-    method: str = "frequency", top: int = 20, zscore: bool = True, filter_rate: float = 0.95,
+    method: str = "frequency", top: int | None = None, zscore: bool = True, filter_rate: float = 0.95,
     rows: str | None = None, lang=None, label=None, where=None,
     scheduler: Any = None, workers: int | None = None, cache: bool = True, plan: Plan | None = None,
     run: RunOptions | None = None,
@@ -514,17 +514,22 @@ def select(
     """Group-sensitive neurons over all stored layers of ``site`` (or ``layers``): per group of
     ``by`` (pooled over languages), ``top`` triples (layer, neuron, score). frequency, entropy and
     contrast use P(activation > 0) of the raw activations; magnitude uses z (or raw with
-    ``zscore=False``).
+    ``zscore=False``). actprob90 keeps every neuron above the group's 90th percentile of
+    P(activation > 0) (``top`` caps it; ``top=None`` is 20 for the other methods).
 
     Refused: fewer than 2 groups with rows (every score compares groups), ``top < 1``,
     ``method="magnitude"`` with ``by="lang"`` and z-scoring. With z-scoring, magnitude leaves out a
     language with rows of one group only (warning)."""
     if method not in an.SELECT_METHODS:
         raise NeurostoreError(f"--method {method}: expected one of {', '.join(an.SELECT_METHODS)}")
-    check_count(top, "--top")
+    top = top if top is not None or method == "actprob90" else 20
+    if top is not None:
+        check_count(top, "--top")
     if not 0 < filter_rate <= 1:
         raise NeurostoreError(f"--filter-rate {filter_rate}: expected a share in (0, 1]")
     z = zscore and method == "magnitude"  # the other selectors read P(x > 0) of the raw activations
+    if method == "actprob90" and rows is None and store.meta.get("tokens"):
+        rows = "tokens"  # Act-Prob-90p is defined on token rows
     _no_lang_zscore(by, z, "select --method magnitude")
     plan = _planned(store, plan, site, layers, rows=rows, by=None if by == "lang" else by, lang=lang, label=label, where=where)
     _require_column(store, by, f"select --method {method}")
@@ -549,7 +554,11 @@ def select(
     picked = an.select(method, n_g, pos_g, mean_g, top, filter_rate)
     out = {g: [(mom.layers[a], b, c) for a, b, c in picked[i]] for i, g in enumerate(names) if n_g[i] > 0}
     # zscore as applied: only magnitude reads z, the other selectors P(x > 0) of the raw activations
-    prov = provenance(store, plan.selection, "select", notes, by=by, method=method, top=top, zscore=z, filter_rate=filter_rate)
+    extra = {}
+    if method == "actprob90":  # the percentile each group's neurons passed, in the JSON
+        t90 = an.actprob_thresholds(n_g, pos_g)
+        extra = {"percentile": an.ACTPROB_PERCENTILE, "thresholds": {g: float(t90[i]) for i, g in enumerate(names) if n_g[i] > 0}}
+    prov = provenance(store, plan.selection, "select", notes, by=by, method=method, top=top, zscore=z, filter_rate=filter_rate, **extra)
     return SelectedNeurons(site, list(mom.layers), by, method, out, prov)
 
 
