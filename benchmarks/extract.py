@@ -25,12 +25,13 @@ from pathlib import Path
 
 from benchmarks import common
 
-ROWS = ("bare", "ns_resid", "ns_resid_mlp", "ns_pooled", "paper", "usual", "careful", "neurox")
+ROWS = ("bare", "ns_resid", "ns_resid_mlp", "ns_pooled", "ns_parts2", "paper", "usual", "careful", "neurox")
 LABELS = {
     "bare": "bare forward (ceiling)",
     "ns_resid": "neurostore resid, all layers+tokens",
     "ns_resid_mlp": "neurostore resid+mlp, all layers+tokens",
     "ns_pooled": "neurostore pooled only (--no-tokens)",
+    "ns_parts2": "neurostore resid, --parts 2 --devices cpu,cpu",
     "paper": "paper's way (hooks, 1 sentence, lists, np.save)",
     "usual": "usual loop (32 in corpus order, padded np.save)",
     "careful": "careful loop (32 length-sorted, padding stripped)",
@@ -137,6 +138,22 @@ def row_ns_resid_mlp(loaded, corpus, out, a):
 
 def row_ns_pooled(loaded, corpus, out, a):
     return _row_neurostore(loaded, corpus, out, a, ["resid"], False)
+
+
+def row_ns_parts2(loaded, corpus: Path, out: Path, a) -> dict:
+    """``--parts 2 --devices cpu,cpu``: a local Dask cluster of 2 worker processes, each loading the
+    model itself (inside the clock: that is the distributed path's cost). On 2 cores it shows the
+    overhead against ``ns_resid`` (one process), not a speed-up."""
+    from neurostore import extract as ex
+    from neurostore import store as st
+    from neurostore.parts import extract_parts
+
+    folder = out / "parts"
+    res = extract_parts([str(corpus)], str(folder), 2, model=str(a.model_path), devices=["cpu", "cpu"],
+                        options=ex.ExtractOptions(sites=["resid"], max_batch_tokens=a.batch_tokens, device="cpu"))
+    metas = st.open(str(folder)).metas
+    values = sum(len(spec["layers"]) * spec["width"] * (m["n_tokens"] + m["n_docs"] * len(m["pool"])) for m in metas for spec in m["sites"].values())
+    return {"tokens": int(res.tokens), "payload_bytes": _payload(values), "disk_path": str(folder), "store": str(folder)}
 
 
 def row_paper(loaded, corpus: Path, out: Path, a) -> dict:
