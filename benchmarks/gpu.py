@@ -191,6 +191,36 @@ def neurostore_run(loaded, corpus: Path, out: Path, budget: int, dtype: str, buf
     }
 
 
+def multi_gpu(work: Path, corpus: Path, a) -> dict | None:
+    """``extract --parts N --devices cuda:0,...`` over every visible GPU against one GPU (``--parts 1
+    --devices cuda:0``, the same path and its start-up), wall clock from the call to the last commit,
+    model loading on the workers included."""
+    import torch
+
+    from neurostore.extract import ExtractOptions
+    from neurostore.parts import extract_parts
+
+    n = torch.cuda.device_count()
+    if n < 2:
+        print(f"--multi-gpu: {n} GPU visible; the multi-GPU row needs 2 or more", file=sys.stderr)
+        return None
+    size, dtype, budget = a.sizes.split(",")[0], a.dtypes.split(",")[0], max(int(b) for b in a.budgets.split(","))
+    model = str(build(work / size, size))
+    out = {}
+    for gpus in (1, n):
+        folder = work / f"parts-{gpus}"
+        shutil.rmtree(folder, ignore_errors=True)
+        t0 = time.perf_counter()
+        res = extract_parts([str(corpus)], str(folder), gpus, model=model, devices=[f"cuda:{i}" for i in range(gpus)],
+                            options=ExtractOptions(sites=["resid"], dtype=dtype, max_batch_tokens=budget))
+        seconds = time.perf_counter() - t0
+        out[f"{gpus}_gpu"] = {"seconds": seconds, "tokens_per_s": res.tokens / seconds}
+        print(f"--parts {gpus} on {gpus} GPU(s): {res.tokens / seconds:,.0f} tok/s ({seconds:.1f} s, start-up included)", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    out["speedup"] = out[f"{n}_gpu"]["tokens_per_s"] / out["1_gpu"]["tokens_per_s"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="One size (base), fp16, budgets 8k and 32k, one repeat.")
@@ -201,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="Interleaved repeats (bare, neurostore, bare, ...).")
     p.add_argument("--work", default=None, help="Scratch folder (default: a temporary folder).")
     p.add_argument("--results", default=str(common.RESULTS), help="Folder for the results JSON.")
+    p.add_argument("--multi-gpu", action="store_true", help="Also run extract --parts N --devices cuda:0..N-1 over every visible GPU "
+                   "against one GPU, on the first size and dtype at the largest budget (needs 2 GPUs or more).")
     a = p.parse_args(argv)
     import torch
 
@@ -243,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"ring full {n['ring']['full']}x GPU util {util}", flush=True)
             del loaded
             torch.cuda.empty_cache()
+    multi = multi_gpu(work, corpus, a) if a.multi_gpu else None
     summary = {}
     for r in rows:
         key = f"{r['size']}/{r['dtype']}/{r['budget']}"
@@ -254,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "gpu", "quick": a.quick, "command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {**common.machine(work), "gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "torch": torch.__version__},
         "settings": {"docs": a.docs, "repeats": a.repeats, "store_dtype": "float16", "sites": ["resid"]},
-        "summary": summary, "rows": rows,
+        "summary": summary, "rows": rows, "multi_gpu": multi,
     }
     path = common.save_results(payload, "gpu-quick" if a.quick else "gpu", Path(a.results))
     print(f"results: {path}")
