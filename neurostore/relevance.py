@@ -122,7 +122,10 @@ def load(name: str | None, device: torch.device, dtype: torch.dtype) -> models.L
     if config is None or not is_causal_lm(config):
         return models.load(name, device, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     path = models.resolve(name)
     weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
     try:
