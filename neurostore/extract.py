@@ -320,8 +320,8 @@ def _extract(
     stored = found[1] if found else None
     if found and not resume and not overwrite:
         raise NeurostoreError(f"{out}: already exists; pass --resume to continue it or --overwrite to replace it")
-    if resume and (stored is None or not stored.get("created")):
-        stored = None  # nothing committed yet: start afresh
+    if overwrite or (resume and (stored is None or not stored.get("created"))):
+        stored = None  # replaced, or nothing committed yet: start afresh with the options given
     if stored is not None:
         st.store_features(stored, out)
     opts = _resolve_options(options, stored)

@@ -387,3 +387,10 @@ def test_refusals(models, corpus, tmp_path):
     for options, message in cases:
         with pytest.raises(neurostore.NeurostoreError, match=message):
             _extract(models["gpt2"], corpus, tmp_path / "x.zarr", **options)
+
+
+def test_overwrite_takes_the_new_options(models, corpus, tmp_path):
+    """--overwrite replaces a store with the options given (it used to resume with the old ones)."""
+    _extract(models["gpt2"], corpus, tmp_path / "o.zarr", sites=["mlp"])
+    s = _extract(models["gpt2"], corpus, tmp_path / "o.zarr", sites=["mlp"], quantity="relevance")
+    assert s.meta["quantities"] == ["relevance"] and s.complete
