@@ -111,6 +111,8 @@ def check_quantity(metas: Sequence[dict], paths: Sequence[str], quantity: str) -
         raise NeurostoreError(f"--quantity {quantity!r}: use {' or '.join(QUANTITIES)}")
     for path, meta in zip(paths, metas):
         if quantity not in quantities(meta):
+            if quantity == "relevance" and "stats_only" in (meta.get("features") or []):
+                raise NeurostoreError(f"{path}: a stats-only store holds activation statistics only; extract a full store with --quantity relevance (or both)")
             if quantity == "relevance":
                 raise NeurostoreError(f"{path}: the store holds no relevance; extract it with --quantity relevance (or both)")
             raise NeurostoreError(f"{path}: the store holds relevance only (extracted with --quantity relevance); add --quantity relevance")

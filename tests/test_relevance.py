@@ -337,6 +337,9 @@ def test_both_quantities_query_like_numpy(both):
         synth = types.SimpleNamespace(acts={"mlp": acts}, lang=lang, doc_of_token=doc_of, langs=s.categories("lang"))
         lape = q.lape(s, filter_rate=0.5, top_rate=0.2, where={"quantity": [quantity]} if quantity != "activation" else None)
         assert lape.neurons == reference_lape(synth, 0.5, 0.2)
+    rel = np.asarray(g["relevance/mlp"][:, 1, 3], dtype=np.float64)
+    top = q.top_examples(s, "mlp", 1, 3, k=3, rows="tokens", where={"quantity": ["relevance"]})
+    np.testing.assert_allclose([e.value for e in top], np.sort(rel)[::-1][:3], rtol=1e-6)
     # the two quantities have their own cache entries: activation keys stay as before relevance
     sel = neurostore.plan.resolve(s, "mlp", 1, rows="mean", quantity="relevance").selection
     from neurostore import cache
