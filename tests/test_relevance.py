@@ -358,18 +358,26 @@ def test_query_cli_quantity(both, tmp_path, models, corpus):
 
 
 def test_resume_gives_the_same_store(models, corpus, tmp_path, both):
+    """A full disk after the first window's commit (injected), then --resume: the store of an
+    uninterrupted run, activations and relevance alike."""
+    from faults import FaultyStore
+
+    class FullAfterFirstCommit(FaultyStore):
+        async def set(self, key, value):
+            if key == "zarr.json":
+                attrs = json.loads(value.to_bytes()).get("attributes", {}).get("neurostore") or {}
+                if attrs.get("committed_docs", 0) > 0:
+                    self.plan.failed.append("armed")
+            elif self.plan.failed and key.startswith(("acts/", "relevance")):
+                raise OSError(28, "No space left on device", key)
+            await self._store.set(key, value)
+
     out = tmp_path / "r.zarr"
-    calls = {"n": 0}
-
-    def stop(*_):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-
     opts = ExtractOptions(sites=["resid", "mlp"], store_dtype="float32", max_batch_tokens=96, buffer_mb=1, quantity="both", rule="attnlrp")
-    with pytest.raises(KeyboardInterrupt):
-        extract([str(corpus)], str(out), model=str(models["gpt2"]), options=opts, on_batch=stop, space_check=False)
-    assert not neurostore.store.read_meta(neurostore.store.open_group(str(out)))["complete"]
+    with pytest.raises(neurostore.errors.Fault, match="--resume"):
+        extract([str(corpus)], str(out), model=str(models["gpt2"]), options=opts, space_check=False, wrap_store=FullAfterFirstCommit.wrapping(None))
+    meta = neurostore.store.read_meta(neurostore.store.open_group(str(out)))
+    assert not meta["complete"] and meta["committed_docs"] > 0
     with pytest.raises(neurostore.NeurostoreError, match="--rule grad-x-act differs"):
         extract([str(corpus)], str(out), model=str(models["gpt2"]), options=ExtractOptions(quantity="both", rule="grad-x-act"), resume=True,
                 space_check=False)
