@@ -25,11 +25,15 @@ from pathlib import Path
 
 from benchmarks import common
 
-ROWS = ("bare", "ns_resid", "ns_resid_mlp", "ns_pooled", "ns_parts2", "paper", "usual", "careful", "neurox")
+ROWS = ("bare", "ns_resid", "ns_resid_mlp", "ns_relevance", "ns_attnlrp", "ns_pooled", "ns_parts2", "paper", "usual", "careful", "neurox")
+# relevance rows load the model with a (random) classification head and explain its predicted logit:
+# MiniLM has no head, and the head's cost is negligible next to the encoder's backward pass
 LABELS = {
     "bare": "bare forward (ceiling)",
     "ns_resid": "neurostore resid, all layers+tokens",
     "ns_resid_mlp": "neurostore resid+mlp, all layers+tokens",
+    "ns_relevance": "neurostore resid+mlp, --quantity both, grad-x-act",
+    "ns_attnlrp": "neurostore resid+mlp, --quantity both, attnlrp",
     "ns_pooled": "neurostore pooled only (--no-tokens)",
     "ns_parts2": "neurostore resid, --parts 2 --devices cpu,cpu",
     "paper": "paper's way (hooks, 1 sentence, lists, np.save)",
@@ -114,17 +118,18 @@ def row_bare(loaded, corpus: Path, out: Path, a) -> dict:
     return {"tokens": int(lengths.sum()), "payload_bytes": 0, "disk_path": None}
 
 
-def _row_neurostore(loaded, corpus: Path, out: Path, a, sites: list[str], tokens: bool) -> dict:
+def _row_neurostore(loaded, corpus: Path, out: Path, a, sites: list[str], tokens: bool, **relevance) -> dict:
     from neurostore import extract as ex
 
     store = out / "store.zarr"  # the model was loaded before the clock starts: extract() takes it as is
     res = ex.extract([str(corpus)], str(store), model=loaded,
-                     options=ex.ExtractOptions(sites=sites, tokens=tokens, max_batch_tokens=a.batch_tokens))
+                     options=ex.ExtractOptions(sites=sites, tokens=tokens, max_batch_tokens=a.batch_tokens, **relevance))
     meta = res.meta
     values = 0
     for spec in meta["sites"].values():
         per_row = len(spec["layers"]) * spec["width"]
         values += per_row * (meta["n_tokens"] if meta["tokens"] else 0) + per_row * meta["n_docs"] * len(meta["pool"])
+    values *= len(meta.get("quantities") or ["activation"])
     return {"tokens": int(res.tokens), "payload_bytes": _payload(values), "disk_path": str(store), "store": str(store)}
 
 
@@ -134,6 +139,14 @@ def row_ns_resid(loaded, corpus, out, a):
 
 def row_ns_resid_mlp(loaded, corpus, out, a):
     return _row_neurostore(loaded, corpus, out, a, ["resid", "mlp"], True)
+
+
+def row_ns_relevance(loaded, corpus, out, a):
+    return _row_neurostore(loaded, corpus, out, a, ["resid", "mlp"], True, quantity="both", rule="grad-x-act", relevance_target="predicted")
+
+
+def row_ns_attnlrp(loaded, corpus, out, a):
+    return _row_neurostore(loaded, corpus, out, a, ["resid", "mlp"], True, quantity="both", rule="attnlrp", relevance_target="predicted")
 
 
 def row_ns_pooled(loaded, corpus, out, a):
@@ -272,7 +285,8 @@ def child(a) -> None:
     from neurostore import models
 
     t0 = time.perf_counter()
-    loaded = models.load(a.model_path, torch.device("cpu"))
+    torch.manual_seed(0)  # the relevance rows' random head
+    loaded = models.load(a.model_path, torch.device("cpu"), classifier=True if a.child in ("ns_relevance", "ns_attnlrp") else None)
     load_s = time.perf_counter() - t0
     with torch.inference_mode():  # one warm-up forward, every row alike
         loaded.model(input_ids=torch.full((8, 32), 1000), attention_mask=torch.ones(8, 32, dtype=torch.long))
@@ -508,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
             c = summary[name].get("careful")
             if c and c["ok"]:
                 bandwidth[name]["careful_bytes"] = common.write_bandwidth(work / "raw", int(c["disk_bytes"]))
+    for name in model_names:  # the relevance pass's cost: forward + backward against forward-only, same sites
+        for row in ("ns_relevance", "ns_attnlrp"):
+            if summary[name].get(row, {}).get("ok") and summary[name].get("ns_resid_mlp", {}).get("ok"):
+                summary[name][row]["vs_forward_only"] = ratio_within(results, name, row, "ns_resid_mlp")
     goals = targets(results, summary, scale)
     table = print_tables(summary, bandwidth, goals)
     payload = {

@@ -62,6 +62,9 @@ def extract_command(
     k: Optional[int] = typer.Option(None, "--k", help="With --stats-only: the top rows kept per neuron and group, for top-examples (0: none). \\[default: 20]", show_default=False),
     no_sketch: bool = typer.Option(False, "--no-sketch", help="With --stats-only: leave out the quantile sketch (P10/P50/P90; 512 bytes per neuron and group)."),
     commit_every: float = typer.Option(60.0, "--commit-every", help="With --stats-only: commit the statistics at most this often, in seconds (each commit writes them whole; a kill loses what came after the last one)."),
+    quantity: Optional[str] = typer.Option(None, "--quantity", help="What to store per neuron: activation, relevance (its contribution to the model's prediction, one backward pass per batch) or both, side by side; queries pick one with --quantity. \\[default: activation]", show_default=False),
+    rule: Optional[str] = typer.Option(None, "--rule", help="With --quantity relevance|both: grad-x-act (activation x gradient, any model) or attnlrp (AttnLRP's rules: BERT/XLM-R, GPT-2, LLaMA/Qwen2). \\[default: grad-x-act]", show_default=False),
+    relevance_target: Optional[str] = typer.Option(None, "--relevance-target", help="With --quantity relevance|both, what is explained: next-token (causal LMs: the log-probability of each actual next token), label (classifiers: the gold label's logit) or predicted (the predicted label's logit). \\[default: next-token for causal LMs, label for classifiers]", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted extraction from its last commit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -99,6 +102,9 @@ def extract_command(
         groups=_split(groups),
         k=k,
         sketch=False if no_sketch else None,
+        quantity=quantity,
+        rule=rule,
+        relevance_target=relevance_target,
         commit_seconds=commit_every,
     )
     output = OutputFormat.table

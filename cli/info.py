@@ -40,6 +40,8 @@ def info_command(
             *(_mode_rows(info) if info.get("mode") == "stats-only" else
               [("compression", f"{info['compression']}, " + (f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "?"))]),
             ("pooled", ", ".join(info["pool"]) or "none"),
+            ("quantities", ", ".join(info["quantities"]) + (f" (relevance by {info['relevance']['rule']}, target {info['relevance']['target']})"
+                                                            if info.get("relevance") else "")),
             *_corpus_rows(info),
             ("features", (", ".join(info["features"]) or "none") + (f" (lacks {', '.join(info['lacks'])}: written by an older neurostore)" if info["lacks"] else "")),
             *([] if info.get("mode") == "stats-only" else [("activations", format_bytes(info["activation_bytes"]))]),

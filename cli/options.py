@@ -26,6 +26,7 @@ LANG = typer.Option(None, "--lang", help="Keep these languages only (comma-separ
 LABEL = typer.Option(None, "--label", help="Keep these labels only (comma-separated or repeated).", show_default="all")
 WHERE = typer.Option(None, "--where", help="Keep rows where a stored categorical has these values: COLUMN=V1,V2 (repeatable).", show_default="no filter")
 TOKEN_KIND = typer.Option(None, "--token-kind", help="Keep token rows of these kinds only: text, special, audio (comma-separated or repeated; token rows only).", show_default="all kinds")
+QUANTITY = typer.Option("activation", "--quantity", help="Read activations or relevances (a store extracted with --quantity relevance or both).")
 SKIP_SPECIAL = typer.Option(False, "--skip-special", help="Leave out the tokenizer's special tokens ([CLS], [SEP], <s> ...): --token-kind with every kind but special.", show_default="off: special tokens counted")
 
 # --- the statistic ---------------------------------------------------------------------------------
@@ -105,10 +106,12 @@ def token_kind_option(token_kind: Optional[list[str]], skip_special: bool) -> Op
 
 
 def filters(lang: Optional[list[str]], label: Optional[list[str]], where: Optional[list[str]],
-            token_kind: Optional[list[str]] = None, skip_special: bool = False) -> dict[str, Any]:
-    """The filter keywords every query takes (lang, label, where). Token kinds travel as
-    ``where["token_kind"]``, which every query function passes on to its selection."""
+            token_kind: Optional[list[str]] = None, skip_special: bool = False, quantity: str = "activation") -> dict[str, Any]:
+    """The filter keywords every query takes (lang, label, where). Token kinds and the quantity travel
+    as ``where["token_kind"]`` and ``where["quantity"]``, which every query function passes on to its selection."""
     where_values = parse_where(where)
+    if quantity != "activation":
+        where_values["quantity"] = [quantity]
     kinds = token_kind_option(token_kind, skip_special)
     if kinds:
         where_values.setdefault("token_kind", []).extend(kinds)
@@ -116,9 +119,9 @@ def filters(lang: Optional[list[str]], label: Optional[list[str]], where: Option
 
 
 def selection(pool: Optional[str], tokens: bool, lang: Optional[list[str]], label: Optional[list[str]], where: Optional[list[str]],
-              token_kind: Optional[list[str]] = None, skip_special: bool = False) -> dict[str, Any]:
+              token_kind: Optional[list[str]] = None, skip_special: bool = False, quantity: str = "activation") -> dict[str, Any]:
     """The row-selection keywords of a query that reads sentence or token rows: rows and filters."""
-    return {"rows": rows_option(pool, tokens), **filters(lang, label, where, token_kind, skip_special)}
+    return {"rows": rows_option(pool, tokens), **filters(lang, label, where, token_kind, skip_special, quantity)}
 
 
 def run_options(scheduler: Optional[str], workers: Optional[int], no_cache: Optional[bool] = None) -> dict[str, Any]:

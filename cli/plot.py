@@ -14,7 +14,7 @@ import typer
 
 from cli.common import console, fail, handle_errors
 from cli.options import (
-    BY, CORRELATION, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, SCHEDULER, SITE, STORES,
+    BY, CORRELATION, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, QUANTITY, SCHEDULER, SITE, STORES,
     THRESHOLD, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores, parse_int_list, renamed, run_options, selection,
 )
 
@@ -61,6 +61,7 @@ def variance_plot(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     out: Optional[Path] = OUT,
     out_dir: Optional[Path] = OUT_DIR,
     pdf: bool = PDF,
@@ -76,7 +77,7 @@ def variance_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where)
+    sel = selection(pool, tokens, lang, label, where, quantity=quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     per = "lang" if per_lang else per
@@ -98,6 +99,7 @@ def correlate_plot(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     out: Optional[Path] = OUT,
     out_dir: Optional[Path] = OUT_DIR,
     pdf: bool = PDF,
@@ -109,7 +111,7 @@ def correlate_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where)
+    sel = selection(pool, tokens, lang, label, where, quantity=quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     res = q.correlate(store, site, layer, by=by, method=method, zscore=zscore, **sel, **run)
@@ -130,6 +132,7 @@ def means_plot(
     tokens: bool = TOKENS,
     lang: Optional[list[str]] = LANG,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     out: Optional[Path] = OUT,
     out_dir: Optional[Path] = OUT_DIR,
     pdf: bool = PDF,
@@ -145,7 +148,7 @@ def means_plot(
     group, option = renamed(group, old_label, "--group", "--label")
     if group is None:
         fail("give --group GROUP: the value of --by to draw, e.g. --group joy")
-    sel = selection(pool, tokens, lang, None, where)
+    sel = selection(pool, tokens, lang, None, where, quantity=quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     gm = q.group_means(store, site, layer, by=by, zscore=zscore, **sel, **run)
@@ -169,6 +172,7 @@ def polyglot_plot(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     out: Optional[Path] = OUT,
     out_dir: Optional[Path] = OUT_DIR,
     pdf: bool = PDF,
@@ -180,7 +184,7 @@ def polyglot_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where)
+    sel = selection(pool, tokens, lang, label, where, quantity=quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     res = q.polyglot(store, site, layer, threshold=threshold, by=by, zscore=zscore, **sel, **run)
@@ -198,6 +202,7 @@ def lape_plot(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     out: Optional[Path] = OUT,
     out_dir: Optional[Path] = OUT_DIR,
     pdf: bool = PDF,
@@ -209,7 +214,7 @@ def lape_plot(
     from neurostore import plots
     from neurostore import query as q
 
-    sel = filters(lang, label, where)  # LAPE reads token rows
+    sel = filters(lang, label, where, quantity=quantity)  # LAPE reads token rows
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     layer_list = parse_int_list(layers, "--layers") if layers else None

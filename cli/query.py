@@ -13,7 +13,7 @@ import typer
 from cli.common import OutputFormat, console, fail, handle_errors, print_json, print_table, write_csv
 from cli.options import (
     ALL_LAYERS, BY, CORRELATION, FORMAT, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, SCHEDULER,
-    SITE, SKIP_SPECIAL, STORES, THRESHOLD, TOKEN_KIND, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores,
+    QUANTITY, SITE, SKIP_SPECIAL, STORES, THRESHOLD, TOKEN_KIND, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores,
     parse_int_list, renamed, run_options, selection,
 )
 
@@ -56,6 +56,7 @@ def variance_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
@@ -66,7 +67,7 @@ def variance_command(
     """Per-neuron variance over label means of z, with the one-way ANOVA F; --within: per label."""
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special, quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     res = q.variance(store, site, layer, by=within or by, per=per, within=within is not None, zscore=zscore, top=top, **sel, **run)
@@ -112,6 +113,7 @@ def correlate_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
@@ -122,7 +124,7 @@ def correlate_command(
     """Per label, the language x language correlation of the mean-z profiles over neurons."""
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special, quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     res = q.correlate(store, site, layer, by=by, across=across, method=method, zscore=zscore, **sel, **run)
@@ -153,6 +155,7 @@ def polyglot_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
@@ -163,7 +166,7 @@ def polyglot_command(
     """Polyglot neurons (above threshold in every language) and monolingual ones, per label."""
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special, quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     res = q.polyglot(store, site, layer, threshold=threshold, by=by, sensitive_top=sensitive_top, zscore=zscore, **sel, **run)
@@ -195,6 +198,7 @@ def lape_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
@@ -205,7 +209,7 @@ def lape_command(
     """Language-specific neurons by activation-probability entropy (token rows, all layers)."""
     from neurostore import query as q
 
-    sel = filters(lang, label, where, token_kind, skip_special)  # LAPE reads token rows
+    sel = filters(lang, label, where, token_kind, skip_special, quantity)  # LAPE reads token rows
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     layer_list = parse_int_list(layers, "--layers") if layers else None
@@ -239,6 +243,7 @@ def select_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
@@ -250,7 +255,7 @@ def select_command(
     """Label-sensitive neurons by a selector: triples (layer, neuron, score) per group."""
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special, quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     layers, option = renamed(layers, old_layer, "--layers", "--layer")
@@ -279,6 +284,7 @@ def top_examples_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
@@ -288,7 +294,7 @@ def top_examples_command(
     """The tokens (default when stored) or sentences (--pool) that activate one neuron most."""
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special, quantity)
     run = run_options(scheduler, workers)  # no cache: the pass keeps only the top rows
     store = open_stores(stores)
     if sel["rows"] is None and store.meta["tokens"]:
@@ -330,6 +336,7 @@ def stats_command(
     lang: Optional[list[str]] = LANG,
     label: Optional[list[str]] = LABEL,
     where: Optional[list[str]] = WHERE,
+    quantity: str = QUANTITY,
     fmt: OutputFormat = FORMAT,
     scheduler: Optional[str] = SCHEDULER,
     workers: Optional[int] = WORKERS,
@@ -340,7 +347,7 @@ def stats_command(
     """The raw group table per (language, group) and neuron: count, mean, std, P(act>0), quantiles."""
     from neurostore import query as q
 
-    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special)
+    sel = selection(pool, tokens, lang, label, where, token_kind, skip_special, quantity)
     run = run_options(scheduler, workers, no_cache)
     store = open_stores(stores)
     res = q.stats(store, site, layer, by=by, quantiles=quantiles, **sel, **run)

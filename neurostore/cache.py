@@ -1,6 +1,6 @@
 """The statistics cache: finalised group moments kept inside the store under ``cache/<key>``.
 
-One entry per layer; the key hashes site, layer, rows, grouping, filters, token kinds and the
+One entry per layer; the key hashes site, layer, rows, grouping, filters, token kinds, quantity and the
 committed counts of every part, so an entry stops matching as soon as extraction commits more rows.
 Read-only stores just recompute. Entries carry checksums; a damaged one is dropped with a warning
 and recomputed (the cache of a full store is derived data). Entries are written under a temporary
@@ -38,6 +38,8 @@ def cache_key(store: st.Store, sel: Selection, layer: int) -> tuple[str, dict]:
     }
     if sel.token_kind is not None:  # absent for every row, so the keys of unfiltered passes stay as they were
         slice_["token_kind"] = sorted(sel.token_kind)
+    if sel.quantity != "activation":  # likewise: activation keys stay as they were
+        slice_["quantity"] = sel.quantity
     counts = [[m["committed_docs"], m["committed_tokens"]] for m in store.metas]
     full = dict(slice_, counts=counts)
     digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:20]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, batching, live, lock, models, space, statsonly, transfer
+from . import __version__, batching, live, lock, models, relevance, space, statsonly, transfer
 from . import store as st
 from .corpus import categories, read_corpus
 from .errors import MACHINE_ERRNOS, NeurostoreError, io_fault
@@ -29,7 +29,7 @@ from .writer import Batch, Window, Writer, kill_points
 # Options that decide what is stored and how it is batched: a resume must use the same ones.
 IDENTITY = (
     "sites", "layers", "pool", "tokens", "dtype", "store_dtype", "max_length", "max_batch_tokens", "buffer_mb",
-    "module_pattern", "part", "compression", "stats_only", "groups", "k", "sketch",
+    "module_pattern", "part", "compression", "stats_only", "groups", "k", "sketch", "quantity", "rule", "relevance_target",
 )
 RING_SLOTS = 4
 
@@ -58,6 +58,9 @@ class ExtractOptions:
     k: int | None = None  # stats-only: top rows kept per neuron; default statsonly.DEFAULT_K
     sketch: bool | None = None  # stats-only: keep the quantile sketch; default True
     commit_seconds: float = 60.0  # stats-only: commit at most this often (a commit writes the statistics whole)
+    quantity: str | None = None  # activation, relevance or both (neurostore.relevance); default activation
+    rule: str | None = None  # relevance: grad-x-act or attnlrp; default grad-x-act
+    relevance_target: str | None = None  # relevance: next-token, label or predicted; default by the model's head
 
 
 @dataclass
@@ -150,6 +153,8 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
             was = previous.get(key)
             if key == "part" and was is not None:
                 was = tuple(was)
+            if key == "quantity" and was is None:  # stores from before --quantity hold activations
+                was = "activation"
             if given is not None and given != was:
                 raise NeurostoreError(
                     f"--{key.replace('_', '-')} {_show(given)} differs from the store's {_show(was)}; "
@@ -187,6 +192,17 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
             raise NeurostoreError(f"{', '.join(given)}: they shape a stats-only store; add --stats-only, or drop them")
     if len(set(resolved.sites)) != len(resolved.sites):
         raise NeurostoreError("--sites names a site twice")
+    resolved.quantity = opts.quantity or "activation"
+    if "relevance" in relevance.quantities(resolved.quantity):
+        if resolved.stats_only:
+            raise NeurostoreError("--stats-only --quantity relevance: a stats-only store keeps activation statistics only for now; drop one of them")
+        resolved.rule = opts.rule or "grad-x-act"
+        if resolved.rule not in relevance.RULES:
+            raise NeurostoreError(f"--rule {resolved.rule!r}: use {' or '.join(relevance.RULES)}")
+    else:
+        given = [name for name, v in (("--rule", opts.rule), ("--relevance-target", opts.relevance_target)) if v is not None]
+        if given:
+            raise NeurostoreError(f"{', '.join(given)}: they shape relevance; add --quantity relevance (or both), or drop them")
     return resolved
 
 
@@ -306,8 +322,8 @@ def _extract(
     stored = found[1] if found else None
     if found and not resume and not overwrite:
         raise NeurostoreError(f"{out}: already exists; pass --resume to continue it or --overwrite to replace it")
-    if resume and (stored is None or not stored.get("created")):
-        stored = None  # nothing committed yet: start afresh
+    if overwrite or (resume and (stored is None or not stored.get("created"))):
+        stored = None  # replaced, or nothing committed yet: start afresh with the options given
     if stored is not None:
         st.store_features(stored, out)
     opts = _resolve_options(options, stored)
@@ -336,13 +352,19 @@ def _extract(
             raise NeurostoreError(f"--model {model_path!r} differs from the store's {stored['model']['path']!r}")
 
     device = given.device if given is not None else models.resolve_device(options.device)
+    stored_quantities = relevance.quantities(opts.quantity)
+    explains = "relevance" in stored_quantities
     if given is not None:
         compute = models.resolve_dtype(opts.dtype, device, given.config)
         loaded = given
     else:
         compute = models.resolve_dtype(opts.dtype, device, models.read_config(model_path))
-        loaded = models.load(model_path, device, dtype=compute)
+        loaded = (relevance.load if explains else lambda p, d, dtype: models.load(p, d, dtype=dtype))(model_path, device, dtype=compute)
     opts.dtype = str(compute).removeprefix("torch.")
+    explainer = None
+    if explains:
+        opts.relevance_target = opts.relevance_target or relevance.default_target(loaded)
+        relevance.check(opts.rule, opts.relevance_target, loaded)
     sites = models.resolve_sites(loaded, opts.sites, opts.layers, opts.module_pattern)
     limit = loaded.max_length()
     if opts.max_length is None:
@@ -350,10 +372,12 @@ def _extract(
     elif not (1 <= opts.max_length <= limit):
         raise NeurostoreError(f"--max-length {opts.max_length}: the model accepts 1 to {limit} tokens")
     itemsize = st.numpy_store_dtype(opts.store_dtype).itemsize
-    per_row = sum(len(s.layers) * s.width * itemsize for s in sites.values())
+    per_row = sum(len(s.layers) * s.width * itemsize for s in sites.values()) * len(stored_quantities)
     bytes_per_token = per_row if opts.tokens else 0
     if opts.max_batch_tokens is None:
         opts.max_batch_tokens = batching.default_batch_tokens(device, bytes_per_token)
+        if explains:  # the backward pass keeps the forward's intermediates: bounded by the device's memory
+            opts.max_batch_tokens = relevance.default_batch_tokens(loaded, device, opts.max_batch_tokens, bytes_per_token)
     if opts.max_batch_tokens < 1:
         raise NeurostoreError(f"--max-batch-tokens {opts.max_batch_tokens}: must be at least 1")
     if opts.buffer_mb is None:
@@ -367,6 +391,9 @@ def _extract(
 
     stats_only = bool(opts.stats_only)
     doc_lang, doc_label = np.asarray(lang_codes[lo:hi], dtype=np.int32), np.asarray(label_codes[lo:hi], dtype=np.int32)
+    if explains:
+        gold = relevance.gold_classes(loaded, label_names, doc_label) if opts.relevance_target == "label" else None
+        explainer = relevance.Explainer(opts.rule, opts.relevance_target, stored_quantities, gold)
     cells = None
     stats_settings = {"groups": opts.groups, "k": opts.k, "sketch": opts.sketch, "entry": None} if stats_only else None
     if stats_only:
@@ -375,7 +402,7 @@ def _extract(
         kinds = details.kind if details.kind is not None else np.zeros(int(n_tokens.sum()), np.int8)
         cells = live.stream_cells(shape, doc_lang, doc_label, kinds, n_tokens)
     estimate = space.estimate(
-        {name: (len(s.layers), s.width) for name, s in sites.items()},
+        {st.stream(name, q): (len(s.layers), s.width) for q in stored_quantities for name, s in sites.items()},
         store_dtype=opts.store_dtype,
         pool=[] if stats_only else opts.pool,
         tokens=opts.tokens and not stats_only,
@@ -432,6 +459,7 @@ def _extract(
             compression=opts.compression,
             checksums=opts.checksums,
             stats=stats_settings,
+            relevance={"quantities": stored_quantities, "rule": opts.rule, "target": opts.relevance_target} if explains else None,
         )
         group = st.create(
             target,
@@ -487,7 +515,7 @@ def _extract(
                     kill_at=kill_at)
     t_loop = time.perf_counter()
     try:
-        stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, writer)
+        stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, writer, explainer)
     except BaseException:
         writer.abort()  # the window in flight is not committed: a resume redoes it
         raise
@@ -544,7 +572,7 @@ def ring_specs(
     """The buffers of one ring slot, sized for the largest batch of the plan (keys: ``writer.Batch``)."""
     store = STORE_TORCH[opts.store_dtype]
     specs: dict[str, transfer.Spec] = {}
-    for name, site in sites.items():
+    for name, site in ((st.stream(n, q), s) for q in relevance.quantities(opts.quantity) for n, s in sites.items()):
         inner = (len(site.layers), site.width)
         if opts.tokens:
             specs[f"tok:{name}"] = transfer.Spec(max_real, inner, store, layer_major=True)
@@ -572,6 +600,7 @@ def _run(
     plans: list[list[np.ndarray]],
     first_index: int,
     writer: Writer | live.Reducer,
+    explainer: relevance.Explainer | None = None,
 ) -> dict:
     """The forward loop. Returns seconds per stage (host side) and the ring's occupancy.
 
@@ -595,7 +624,8 @@ def _run(
     timers = {"prepare": 0.0, "forward": 0.0, "gather": 0.0, "copy": 0.0}
     clock = time.perf_counter
 
-    with transfer.on_device(device, api), torch.inference_mode(), models.capture(hooked) as captured:
+    rules = explainer.context(loaded.model) if explainer is not None else contextlib.nullcontext()
+    with transfer.on_device(device, api), torch.inference_mode(explainer is None), rules, models.capture(hooked) as captured:
         for offset, ((d0, d1), plan) in enumerate(zip(windows, plans)):
             t1 = int(token_start[d1]) if d1 < len(n_tokens) else total_tokens
             window = Window(first_index + offset, (d0, d1), (int(token_start[d0]), t1))
@@ -609,10 +639,13 @@ def _run(
                 inputs = _inputs(padded, slot, device, api)
                 timers["prepare"] += clock() - t
                 t = clock()
-                out, layers_of = _forward(loaded, sites, inputs, device, compute, captured, want_hidden)
+                if explainer is None:
+                    out, layers_of = _forward(loaded, sites, inputs, device, compute, captured, want_hidden)
+                else:  # forward and backward: activations and/or relevances, detached
+                    out, layers_of = relevance.forward_backward(explainer, loaded, sites, inputs, device, compute, captured, want_hidden, docs)
                 timers["forward"] += clock() - t
                 t = clock()
-                with _one_thread(api is None):
+                with _one_thread(api is None), torch.no_grad():
                     values = gather(layers_of, inputs, opts.tokens, opts.pool, store_torch, None if api is not None else slot)
                 if loaded.classes is not None:
                     values["doc:logits"] = out.logits.float()

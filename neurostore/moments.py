@@ -343,7 +343,7 @@ def compute(store: st.Store, sel: Selection | Plan, *, quantiles: bool = False, 
     ranges = []
     doc_shift = 0
     for p, (group, meta) in enumerate(zip(store.groups, store.metas)):
-        arr = group[f"acts/{sel.site}" if tokens else f"pooled/{sel.site}/{sel.rows}"]
+        arr = group[st.array_path(sel.site, sel.rows, sel.quantity)]
         rows = meta["committed_tokens" if tokens else "committed_docs"]
         n_docs = meta["committed_docs"]
         gids = gid_docs[doc_shift:doc_shift + n_docs]
@@ -590,7 +590,7 @@ def top_rows(
     parts: list = []
     doc_shift = row_shift = 0
     for p, (group, meta) in enumerate(zip(store.groups, store.metas)):
-        arr = group[f"acts/{sel.site}" if tokens else f"pooled/{sel.site}/{sel.rows}"]
+        arr = group[st.array_path(sel.site, sel.rows, sel.quantity)]
         rows = meta["committed_tokens" if tokens else "committed_docs"]
         n_docs = meta["committed_docs"]
         arr_d = delayed(arr, name=f"nst-{token}-arr-{p}", traverse=False)

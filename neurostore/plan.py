@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import NeurostoreError
-from .store import TOKEN_KINDS, Store
+from .store import TOKEN_KINDS, Store, check_quantity
 
 MISSING = "(missing)"
 ALL = "(all)"
@@ -25,7 +25,8 @@ ALL = "(all)"
 @dataclass(frozen=True)
 class Selection:
     """Which rows and groups a pass reduces. ``rows`` is ``"tokens"`` or a pooling name;
-    ``token_kind``: the kinds of token rows kept (``store.TOKEN_KINDS`` names; None: every row)."""
+    ``token_kind``: the kinds of token rows kept (``store.TOKEN_KINDS`` names; None: every row);
+    ``quantity``: the values read, activations or relevances (``store.QUANTITIES``)."""
 
     site: str
     layers: tuple[int, ...]
@@ -33,6 +34,7 @@ class Selection:
     by: str | None = "label"
     filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
     token_kind: tuple[str, ...] | None = None
+    quantity: str = "activation"
 
     def with_layers(self, layers: Sequence[int]) -> "Selection":
         return replace(self, layers=tuple(int(x) for x in layers))
@@ -96,6 +98,7 @@ def plan_for(store: Store, sel: Selection | Plan) -> Plan:
     """``sel`` checked against ``store`` (a plan is returned as it is)."""
     if isinstance(sel, Plan):
         return sel
+    check_quantity(store.metas, store.paths, sel.quantity)
     _check_rows(store, sel)
     codes, langs, groups = group_codes(store, sel)
     indices = tuple(store.layer_index(sel.site, layer) for layer in sel.layers)
@@ -105,7 +108,7 @@ def plan_for(store: Store, sel: Selection | Plan) -> Plan:
 def resolve(
     store: Store, site: str, layers: Sequence[int] | int | None = None, *, rows: str | None = None,
     by: str | None = "label", lang: Sequence[str] | None = None, label: Sequence[str] | None = None,
-    where: dict[str, Sequence[str]] | None = None, token_kind: Sequence[str] | None = None,
+    where: dict[str, Sequence[str]] | None = None, token_kind: Sequence[str] | None = None, quantity: str | None = None,
 ) -> Plan:
     """Check the query options against the store once and build its :class:`Plan`.
 
@@ -115,13 +118,18 @@ def resolve(
     rows of these kinds only."""
     check_site(store, site)
     rows = rows or default_rows(store)
+    where = dict(where or {})
+    asked = [*([quantity] if quantity else []), *(where.pop("quantity", None) or [])]  # where["quantity"]: as token_kind travels
+    if len(set(asked)) > 1:
+        raise NeurostoreError(f"--quantity: give one quantity, not {', '.join(sorted(set(asked)))}")
+    quantity = asked[0] if asked else "activation"
+    check_quantity(store.metas, store.paths, quantity)
     if rows == "tokens":
         if not store.meta["tokens"]:
             raise NeurostoreError("--tokens: the store holds pooled vectors only (extracted with --no-tokens)")
     elif rows not in store.meta["pool"]:
         stored = ", ".join(store.meta["pool"]) or "none"
         raise NeurostoreError(f"--pool {rows}: pooling not in the store (stored: {stored})")
-    where = dict(where or {})
     kinds = token_kinds(store, rows, [*(token_kind or []), *(where.pop("token_kind", None) or [])])
     filters: dict[str, list[str]] = {}
     if lang:
@@ -136,7 +144,7 @@ def resolve(
         picked = [store.layer_number(site, x) for x in ([layers] if isinstance(layers, int) else layers)]
     sel = Selection(
         site=site, layers=tuple(picked), rows=rows, by=by,
-        filters=tuple(sorted((c, tuple(sorted(set(v)))) for c, v in filters.items())), token_kind=kinds,
+        filters=tuple(sorted((c, tuple(sorted(set(v)))) for c, v in filters.items())), token_kind=kinds, quantity=quantity,
     )
     return plan_for(store, sel)  # validates the grouping and filter columns now, with clear errors
 

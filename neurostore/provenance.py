@@ -77,7 +77,7 @@ def describe(prov: dict) -> str:
     for column, values in (sel.get("filters") or {}).items():
         parts.append(f"{column} {','.join(map(str, values))}")
     for name, value in sel.items():
-        if name not in _WORDED and value not in (None, False, (), [], {}):
+        if name not in _WORDED and value not in (None, False, (), [], {}) and (name, value) != ("quantity", "activation"):
             parts.append(f"{name} {','.join(map(str, value)) if isinstance(value, list) else value}")
     if "zscore" in params:
         parts.append("z within language" if params["zscore"] else "raw activations")

@@ -97,8 +97,9 @@ def estimate(
 
     for site, (n_layers, width) in sites.items():
         row = n_layers * width * itemsize
-        shapes = [(f"acts/{site}", total, left_tokens)] if tokens else []
-        shapes += [(f"pooled/{site}/{p}", n_docs, left_docs) for p in pool]
+        base, quantity = (site[len("relevance:"):], "relevance") if site.startswith("relevance:") else (site, "activation")  # st.stream
+        shapes = [(st.array_path(base, "tokens", quantity), total, left_tokens)] if tokens else []
+        shapes += [(st.array_path(base, p, quantity), n_docs, left_docs) for p in pool]
         for array, rows, left in shapes:
             raw = left * row
             disk = math.ceil(raw / r)

@@ -22,6 +22,11 @@ read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
                                     sits (end of the token before it); -1 where the tokenizer gives none
     acts/{site}      [n_tokens, n_layers, width]   absent with --no-tokens
     pooled/{site}/{first|mean|last} [n_docs, n_layers, width]
+    relevance/{site}                          like acts/{site}, the neurons' relevance (store feature
+    relevance_pooled/{site}/{first|mean|last} ``relevance``; ``neurostore.relevance``): present when
+                                    extracted with --quantity relevance or both (attrs["quantities"]
+                                    lists what is stored, attrs["relevance"] the rule and target);
+                                    acts/ and pooled/ are absent with --quantity relevance
 
     cache/<key>/...                 statistics of earlier queries (derived data: a damaged entry is
                                     dropped and recomputed)
@@ -68,8 +73,10 @@ ATTR = "neurostore"
 #   token_kind  tokens/kind: which token rows are text, special tokens of the tokenizer, or audio
 #   token_offsets  tokens/offsets: each token's character span in docs/text (top-examples shows it)
 #   stats_only  a mode, not an improvement: grouped statistics in place of activations (statsonly)
-FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets", "stats_only")
-MODES = ("stats_only",)  # features a store has by choice: never listed as lacking
+#   relevance   relevance/ and relevance_pooled/: each neuron's relevance to the prediction (a choice
+#               at extraction, --quantity relevance|both; meta "quantities" and "relevance")
+FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets", "stats_only", "relevance")
+MODES = ("stats_only", "relevance")  # features a store has by choice: never listed as lacking
 # The one layout before features were listed: a store with this and no "features" has none of them.
 SCHEMA_VERSION = 1
 SITES = ("resid", "mlp")
@@ -77,6 +84,38 @@ POOLS = ("first", "mean", "last")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 # Codes of tokens/kind: a text token, a special token of the tokenizer ([CLS], </s>, ...), an audio frame.
 TOKEN_KINDS = ("text", "special", "audio")
+# What a value of an activation array is: the neuron's activation, or its relevance to the prediction.
+QUANTITIES = ("activation", "relevance")
+
+
+def quantities(meta: dict) -> list[str]:
+    """The quantities a store holds (stores from before relevance: activation)."""
+    return list(meta.get("quantities") or ["activation"])
+
+
+def array_path(site: str, rows: str, quantity: str = "activation") -> str:
+    """The array of ``site``'s token rows (``rows="tokens"``) or pooled rows of one quantity."""
+    if rows == "tokens":
+        return f"acts/{site}" if quantity == "activation" else f"relevance/{site}"
+    return f"pooled/{site}/{rows}" if quantity == "activation" else f"relevance_pooled/{site}/{rows}"
+
+
+def stream(site: str, quantity: str = "activation") -> str:
+    """A site's name in a batch's keys (``writer.Batch``): the site, or ``relevance:site``."""
+    return site if quantity == "activation" else f"relevance:{site}"
+
+
+def check_quantity(metas: Sequence[dict], paths: Sequence[str], quantity: str) -> None:
+    """Refuse, in one line, a quantity a store does not hold."""
+    if quantity not in QUANTITIES:
+        raise NeurostoreError(f"--quantity {quantity!r}: use {' or '.join(QUANTITIES)}")
+    for path, meta in zip(paths, metas):
+        if quantity not in quantities(meta):
+            if quantity == "relevance" and "stats_only" in (meta.get("features") or []):
+                raise NeurostoreError(f"{path}: a stats-only store holds activation statistics only; extract a full store with --quantity relevance (or both)")
+            if quantity == "relevance":
+                raise NeurostoreError(f"{path}: the store holds no relevance; extract it with --quantity relevance (or both)")
+            raise NeurostoreError(f"{path}: the store holds relevance only (extracted with --quantity relevance); add --quantity relevance")
 
 # One (rows, 1, width) chunk: big enough to compress well, small enough to stream.
 CHUNK_BYTES = int(os.environ.get("NEUROSTORE_CHUNK_BYTES", 4 << 20))
@@ -284,6 +323,7 @@ def new_meta(
     compression: str = DEFAULT_COMPRESSION,
     checksums: bool = True,
     stats: dict | None = None,
+    relevance: dict | None = None,
 ) -> dict:
     """The group attribute that describes a store; ``committed_*`` and ``complete`` move as it fills.
 
@@ -292,8 +332,10 @@ def new_meta(
     count), ``batches`` the real and padded tokens of the forward passes run so far. ``stats``
     (``{"groups", "k", "sketch", "entry"}``) makes a stats-only store (:mod:`neurostore.statsonly`).
     """
-    skip = {"plan_v2": plan < 2, "checksums": not checksums, "stats_only": stats is None}
+    skip = {"plan_v2": plan < 2, "checksums": not checksums, "stats_only": stats is None, "relevance": relevance is None}
     extra = {} if stats is None else {"stats": dict(stats)}
+    if relevance is not None:  # {"rule", "target", "quantities"}: what --quantity stored and how
+        extra.update(quantities=list(relevance["quantities"]), relevance={"rule": relevance["rule"], "target": relevance["target"]})
     return {
         **extra,
         "features": [f for f in FEATURES if not skip.get(f)],
@@ -391,9 +433,10 @@ def create(
     for site, spec in meta["sites"].items() if activations else ():
         n_layers, width = len(spec["layers"]), spec["width"]
         shapes = []
-        if meta["tokens"]:
-            shapes.append((f"acts/{site}", total))
-        shapes += [(f"pooled/{site}/{p}", n_docs) for p in meta["pool"]]
+        for quantity in quantities(meta):
+            if meta["tokens"]:
+                shapes.append((array_path(site, "tokens", quantity), total))
+            shapes += [(array_path(site, p, quantity), n_docs) for p in meta["pool"]]
         for name, rows in shapes:
             chunk, shard = row_layout(n_layers, width, dtype.itemsize, rows)
             arr = group.create_array(
@@ -404,7 +447,7 @@ def create(
                 dtype=dtype,
                 compressors=compressors(meta.get("compression", DEFAULT_COMPRESSION), dtype.itemsize, crc),
                 fill_value=0,
-                dimension_names=("token" if name.startswith("acts") else "doc", "layer", "neuron"),
+                dimension_names=("token" if name.startswith(("acts", "relevance/")) else "doc", "layer", "neuron"),
             )
             arr.attrs.update({"neurostore_dtype": store_dtype, "layers": spec["layers"], "site": site})
     if classes is not None:
@@ -743,6 +786,7 @@ def summary(store: Store) -> dict:
             table["(missing)"] = int((codes < 0).sum())
         counts[column] = table
     stats_only = "stats_only" in (meta.get("features") or [])
+    raw *= len(quantities(meta))
     if stats_only:
         raw = 0  # no activations stored
     return {
@@ -755,6 +799,8 @@ def summary(store: Store) -> dict:
         "compute_dtype": meta["compute_dtype"],
         "store_dtype": meta["store_dtype"],
         "sites": {s: {"layers": _ranges(v["layers"]), "n_layers": len(v["layers"]), "width": v["width"]} for s, v in meta["sites"].items()},
+        "quantities": quantities(meta),
+        "relevance": meta.get("relevance"),
         "pool": meta["pool"],
         "tokens": meta["tokens"],
         "docs": store.n_docs,
@@ -880,8 +926,9 @@ def _check_tables(path: str, meta: dict, n_tokens: np.ndarray, start: np.ndarray
 
 def _activation_arrays(group: zarr.Group, meta: dict, docs: int, toks: int) -> list[tuple[str, int]]:
     out = []
-    for site in meta["sites"]:
-        if meta["tokens"]:
-            out.append((f"acts/{site}", toks))
-        out += [(f"pooled/{site}/{p}", docs) for p in meta["pool"]]
+    for quantity in quantities(meta):
+        for site in meta["sites"]:
+            if meta["tokens"]:
+                out.append((array_path(site, "tokens", quantity), toks))
+            out += [(array_path(site, p, quantity), docs) for p in meta["pool"]]
     return out

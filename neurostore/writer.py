@@ -142,11 +142,16 @@ class Writer:
         self._aborted = threading.Event()
         start_token = int(self.token_start[self.start_doc]) if self.start_doc < len(self.token_start) else self.meta["n_tokens"]
         self.rows: dict[str, st.Rows] = {}
-        for site in self.meta["sites"]:
-            if self.meta["tokens"]:
-                self.rows[f"tok:{site}"] = st.Rows(self._array(f"acts/{site}"), start_token)
-            for pool in self.meta["pool"]:
-                self.rows[f"doc:{site}/{pool}"] = st.Rows(self._array(f"pooled/{site}/{pool}"), self.start_doc)
+        self._names: dict[str, str] = {}  # slot key -> array path
+        for quantity in st.quantities(self.meta):  # relevance is more arrays, keyed relevance:{site}
+            for site in self.meta["sites"]:
+                key = st.stream(site, quantity)
+                if self.meta["tokens"]:
+                    self._names[f"tok:{key}"] = st.array_path(site, "tokens", quantity)
+                for pool in self.meta["pool"]:
+                    self._names[f"doc:{key}/{pool}"] = st.array_path(site, pool, quantity)
+        for key, name in self._names.items():
+            self.rows[key] = st.Rows(self._array(name), start_token if key.startswith("tok:") else self.start_doc)
         if self.meta["model"].get("classifier"):
             self.rows["doc:logits"] = st.Rows(self._array("docs/logits"), self.start_doc)
             self.rows["doc:pred"] = st.Rows(self._array("docs/pred"), self.start_doc)
@@ -340,17 +345,17 @@ class Writer:
         case costs nothing here; only a layer whose values leave the store dtype's range is scanned.
         """
         limit = st.finite_limit(self.meta["store_dtype"])
-        for site in self.meta["sites"]:
-            ext = batch.slot.host(f"ext:{site}", batch.rows[f"ext:{site}"])
+        for site, stream in ((s, st.stream(s, q)) for q in st.quantities(self.meta) for s in self.meta["sites"]):
+            ext = batch.slot.host(f"ext:{stream}", batch.rows[f"ext:{stream}"])
             bad = np.flatnonzero(~((ext[:, 0] >= -limit) & (ext[:, 1] <= limit)))
             if not len(bad):
                 continue
             layers = self.meta["sites"][site]["layers"]
             for key in self.rows:
-                if not (key == f"tok:{site}" or key.startswith(f"doc:{site}/")):
+                if not (key == f"tok:{stream}" or key.startswith(f"doc:{stream}/")):
                     continue
                 host = st.decode(batch.slot.host(key, batch.rows[key]), self.meta["store_dtype"])
-                name = ("acts/" if key.startswith("tok:") else "pooled/") + key[4:]
+                name = self._names[key]
                 found = {str(layers[j]): int(np.count_nonzero(~np.isfinite(host[:, j]))) for j in bad.tolist()}
                 found = {layer: n for layer, n in found.items() if n}
                 if found:
