@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import OutputFormat, console, err_console, handle_errors, print_json, print_table
-from cli.options import FORMAT
+from .common import OutputFormat, console, err_console, handle_errors, print_json, print_table
+from .options import FORMAT
 from neurostore import store as st
 from neurostore.space import format_bytes
 

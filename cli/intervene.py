@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
-from cli.options import DEVICE, FORMAT, INPUT_FORMAT
+from .common import OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
+from .options import DEVICE, FORMAT, INPUT_FORMAT
 
 
 class Mode(str, enum.Enum):

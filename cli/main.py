@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from cli import demo as demo_cli
-from cli import extract as extract_cli
-from cli import finetune as finetune_cli
-from cli import info as info_cli
-from cli import intervene as intervene_cli
-from cli import plot as plot_cli
-from cli import query as query_cli
+from . import demo as demo_cli
+from . import extract as extract_cli
+from . import finetune as finetune_cli
+from . import info as info_cli
+from . import intervene as intervene_cli
+from . import plot as plot_cli
+from . import query as query_cli
 
 app = typer.Typer(
     name="neurostore",

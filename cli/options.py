@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import OutputFormat, fail
+from .common import OutputFormat, fail
 
 # --- the store and what part of it a query reads --------------------------------------------------
 STORES = typer.Argument(..., help="The store, or several --part stores of one extraction read as one.", show_default=False)
