@@ -8,6 +8,7 @@ from . import demo as demo_cli
 from . import extract as extract_cli
 from . import finetune as finetune_cli
 from . import info as info_cli
+from . import options
 from . import intervene as intervene_cli
 from . import plot as plot_cli
 from . import query as query_cli
@@ -26,6 +27,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root(
+    storage_option: list[str] = typer.Option(
+        [], "--storage-option", metavar="KEY=VALUE",
+        help="fsspec option for s3:// (or other URL) stores, for any command; repeat it: endpoint_url=http://host:9000, "
+             "key=..., secret=..., anon=true, client_kwargs.region_name=eu-west-1.", show_default=False),
+) -> None:
+    """Neuron-level activation statistics for transformers over large multilingual corpora."""
+    options.STORAGE_OPTIONS.clear()
+    options.STORAGE_OPTIONS.update(options.parse_storage_options(storage_option))
+
+
 extract_cli.register(app)
 info_cli.register(app)
 app.add_typer(query_cli.app, name="query")

@@ -241,7 +241,9 @@ def open_checked(path: str, storage_options: dict | None = None, mode: str = "r"
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise NeurostoreError(f"{path}: not a neurostore store (no Zarr group there)") from None
     except PermissionError as err:
-        raise NeurostoreError(f"{path}: cannot be opened ({err.strerror})") from None
+        why = err.strerror or str(err).splitlines()[0][:120] or "permission denied"
+        hint = "; check the credentials (--storage-option key=... secret=..., or anon=true)" if "://" in path else ""
+        raise NeurostoreError(f"{path}: cannot be opened ({why}){hint}") from None
 
 
 def check_metadata(path: str) -> None:
