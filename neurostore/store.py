@@ -775,13 +775,6 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
         store_features(meta, path)
         loaded.append((str(path), group, meta))
     corpora = list(dict.fromkeys(meta["corpus"]["fingerprint"] for _, _, meta in loaded))
-    seen: dict[tuple, str] = {}
-    for path, _, meta in loaded:
-        key = (meta["corpus"]["fingerprint"], tuple(meta["corpus"].get("part") or ()))
-        if key in seen:
-            raise NeurostoreError(f"{path}: the same corpus{' part' if key[1] else ''} as {seen[key]}; "
-                                  "give each corpus (or part) once")
-        seen[key] = path
     loaded.sort(key=lambda item: (corpora.index(item[2]["corpus"]["fingerprint"]), (item[2]["corpus"].get("part") or [0, 1])[0]))
     first = loaded[0][2]
     for path, _, meta in loaded[1:]:
@@ -789,7 +782,7 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
             raise NeurostoreError(f"{path}: a stats-only store and a full store cannot be read as one; open them separately")
         if meta.get("stats", {}).get("groups") != first.get("stats", {}).get("groups"):
             raise NeurostoreError(f"{path}: keeps statistics per {meta['stats']['groups']}, {loaded[0][0]} per {first['stats']['groups']}; "
-                                  "parts must come from one extraction")
+                                  "stores read as one must keep the same --groups")
         for key in ("sites", "store_dtype", "pool", "tokens"):
             if meta[key] != first[key]:
                 raise NeurostoreError(f"{path}: its {key!r} differs from {loaded[0][0]}; stores read as one need the same "
@@ -797,6 +790,13 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
         if meta["model"]["name"] != first["model"]["name"]:
             raise NeurostoreError(f"{path}: made from another model ({meta['model']['name']}) than {loaded[0][0]} "
                                   f"({first['model']['name']}); stores read as one need one model")
+    seen: dict[tuple, str] = {}
+    for path, _, meta in loaded:
+        key = (meta["corpus"]["fingerprint"], tuple(meta["corpus"].get("part") or ()))
+        if key in seen:
+            raise NeurostoreError(f"{path}: the same corpus{' part' if key[1] else ''} as {seen[key]}; "
+                                  "give each corpus (or part) once")
+        seen[key] = path
     store = Store([p for p, _, _ in loaded], [g for _, g, _ in loaded], [m for _, _, m in loaded], storage_options=storage_options)
     for path, _, meta in loaded:
         if not meta["complete"]:

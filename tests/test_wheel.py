@@ -34,10 +34,10 @@ def test_wheel_installs_neurostore_only(tmp_path):
     for name in ("neurostore", "cli", "benchmarks"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
-    try:
-        import setuptools  # noqa: F401
+    try:  # build with the installed setuptools when it is new enough (license = "MIT" needs 77); else pip fetches one
+        import setuptools
 
-        isolation = ["--no-build-isolation"]
+        isolation = ["--no-build-isolation"] if int(setuptools.__version__.split(".")[0]) >= 77 else []
     except ImportError:
         isolation = []
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(dist), str(src)],
