@@ -70,7 +70,8 @@ def test_extract_kill_resume_query_intervene_on_s3(s3, tiny_classifier, tmp_path
 
     killed = _cli(flags, "extract", str(corpus), "--out", url, "--model", model, *EXTRACT, fault="commit:2")
     assert killed.returncode == -9, killed.stderr
-    assert not neurostore.open(url, storage_options=options).complete
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert not neurostore.open(url, storage_options=options).complete
     resumed = _cli(flags, "extract", str(corpus), "--out", url, "--model", model, *EXTRACT, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after" in resumed.stderr
