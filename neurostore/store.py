@@ -22,6 +22,11 @@ read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
                                     sits (end of the token before it); -1 where the tokenizer gives none
     acts/{site}      [n_tokens, n_layers, width]   absent with --no-tokens
     pooled/{site}/{first|mean|last} [n_docs, n_layers, width]
+    acts/{site}_layer, pooled/{site}/{site}_layer  [n_layers] int32  the layer numbers (coordinates)
+
+Every array names its dimensions (per site ``{site}_layer``/``{site}_neuron``, so xarray opens the
+store with ``xr.open_datatree``) and the root carries consolidated metadata, rewritten with each
+commit and cache write for outside readers; neurostore never reads it (:func:`open_group`).
 
     cache/<key>/...                 statistics of earlier queries (derived data: a damaged entry is
                                     dropped and recomputed)

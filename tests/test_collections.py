@@ -96,6 +96,26 @@ def test_full_collection_against_numpy(members):
                 np.testing.assert_allclose(got.mean[i][j], np.mean(rows, axis=0), rtol=1e-6, atol=1e-9)
 
 
+def test_full_collection_tokens_against_numpy(members):
+    coll = neurostore.open([members["a-full"], members["b-full"]])
+    got = q.stats(coll, "mlp", 0, by="label", rows="tokens", quantiles=False, cache=False)
+    rows: dict[tuple[str, str], list] = {}
+    for path in (members["a-full"], members["b-full"]):
+        g = zarr.open_group(path, mode="r")
+        values = np.asarray(g["acts/mlp"][:, 0, :], dtype=np.float64)
+        doc = g["tokens/doc"][:]
+        langs = np.array(g["docs/lang"].attrs["categories"])[g["docs/lang"][:]][doc]
+        labels = np.array(g["docs/label"].attrs["categories"])[g["docs/label"][:]][doc]
+        for row, lang, label in zip(values, langs, labels):
+            rows.setdefault((lang, label), []).append(row)
+    for i, lang in enumerate(got.langs):
+        for j, label in enumerate(got.groups):
+            kept = rows.get((lang, label), [])
+            assert got.count[i, j] == len(kept)
+            if kept:
+                np.testing.assert_allclose(got.mean[i][j], np.mean(kept, axis=0), rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("call", [
     lambda s, **c: q.variance(s, "mlp", by="label", **c),
     lambda s, **c: q.variance(s, "resid", 1, by="label", per="lang", rows="tokens", **c),
