@@ -50,5 +50,25 @@ demo_cli.register(app)
 finetune_cli.register(app)
 
 
+def main() -> None:
+    """The console script. ``--storage-option`` belongs to the root (it serves every command), but a
+    user writes it after the command too: those pairs move in front of the command."""
+    import sys
+
+    front, rest, args, i = [], [], sys.argv[1:], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--storage-option" and i + 1 < len(args):
+            front += args[i:i + 2]
+            i += 2
+            continue
+        (front if arg.startswith("--storage-option=") else rest).append(arg)
+        i += 1
+    app(args=front + rest, prog_name="neurostore")
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -72,7 +72,8 @@ def test_extract_kill_resume_query_intervene_on_s3(s3, tiny_classifier, tmp_path
     assert killed.returncode == -9, killed.stderr
     with pytest.warns(UserWarning, match="incomplete"):
         assert not neurostore.open(url, storage_options=options).complete
-    resumed = _cli(flags, "extract", str(corpus), "--out", url, "--model", model, *EXTRACT, "--resume")
+    # the console script takes --storage-option after the command too
+    resumed = _cli([], "extract", str(corpus), "--out", url, "--model", model, *EXTRACT, "--resume", *flags)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after" in resumed.stderr
     done = _cli([], "extract", str(corpus), "--out", local, "--model", model, *EXTRACT)

@@ -55,7 +55,8 @@ def test_wheel_installs_neurostore_only(tmp_path):
     py = bindir / "python"
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    here = [p for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()} if os.path.isdir(p)]
+    here = [p for p in dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages(),
+                                      *(p for p in sys.path if p.endswith("site-packages"))]) if os.path.isdir(p)]
     Path(purelib, "_deps.pth").write_text("\n".join(here) + "\n")
     # this interpreter's pip, run by the venv's python: the script lands in the venv with its shebang
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
