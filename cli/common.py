@@ -147,6 +147,8 @@ def run_extract(
     (extract and demo). Returns the library's result; a dry run's estimate is left to the caller."""
     from neurostore.extract import extract
 
+    from .options import storage_options
+
     progress = Progress(
         TextColumn("[bold]extract"),
         BarColumn(),
@@ -182,6 +184,7 @@ def run_extract(
             paths, out, model=model, options=options, corpus_options=corpus_options, resume=resume, overwrite=overwrite,
             on_start=on_start, on_batch=on_batch, on_warning=on_warning, space_check=space_check, dry_run=dry_run,
             kill_at=os.environ.get("NEUROSTORE_FAULT"),  # the resume tests' kill points in a child process
+            storage_options=storage_options(),
         )
     except KeyboardInterrupt:
         progress.stop()

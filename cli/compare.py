@@ -10,8 +10,8 @@ from typing import Any
 
 import typer
 
-from cli.common import OutputFormat, console, handle_errors, print_json, print_table, write_csv
-from cli.options import FORMAT
+from .common import OutputFormat, console, handle_errors, print_json, print_table, write_csv
+from .options import FORMAT
 
 
 def register(app: typer.Typer) -> None:

@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, handle_errors, print_table, run_extract
-from cli.options import INPUT_FORMAT, SAMPLE_CORPUS
+from .common import console, handle_errors, print_table, run_extract
+from .options import INPUT_FORMAT, SAMPLE_CORPUS
 
 
 @handle_errors

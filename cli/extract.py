@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import OutputFormat, handle_errors, print_json, print_table, run_extract, run_parts
-from cli.options import DEVICE, INPUT_FORMAT, SAMPLE_CORPUS, parse_int_list, split_names
+from .common import OutputFormat, handle_errors, print_json, print_table, run_extract, run_parts
+from .options import DEVICE, INPUT_FORMAT, SAMPLE_CORPUS, parse_int_list, split_names
 from neurostore.space import format_bytes
 
 

@@ -14,8 +14,8 @@ from typing import Any, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.common import OutputFormat, console, err_console, fail, handle_errors, print_json, print_table, write_csv
-from cli.options import DEVICE, FORMAT, INPUT_FORMAT, split_names
+from .common import OutputFormat, console, err_console, fail, handle_errors, print_json, print_table, write_csv
+from .options import DEVICE, FORMAT, INPUT_FORMAT, split_names
 
 
 class Task(str, enum.Enum):

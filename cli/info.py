@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import OutputFormat, console, err_console, handle_errors, print_json, print_table
-from cli.options import FORMAT
+from .common import OutputFormat, console, err_console, handle_errors, print_json, print_table
+from .options import FORMAT, storage_options
 from neurostore import store as st
 from neurostore.space import format_bytes
 
@@ -17,7 +17,7 @@ def info_command(
     output: OutputFormat = FORMAT,
 ) -> None:
     """What a store holds: model, sites, layers, widths, counts per label and language, size on disk."""
-    store = st.open(stores)
+    store = st.open(stores, storage_options=storage_options())
     info = st.summary(store)
     problems = st.verify(store) if verify else None
     if output == OutputFormat.json:

@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
-from cli.options import DEVICE, FORMAT, INPUT_FORMAT
+from .common import OutputFormat, console, err_console, handle_errors, print_json, print_table, write_csv
+from .options import DEVICE, FORMAT, INPUT_FORMAT, open_stores, storage_options
 from neurostore.errors import NeurostoreError
 
 
@@ -89,7 +89,7 @@ def intervene_command(
             raise NeurostoreError(f"--plot: the figure draws a classifier's per-label accuracy; --model {model} is a causal LM (drop --plot)")
     result = iv.run(
         corpus, model, neurons, site=site, group=group, target=target, mode=mode.value, alpha=alpha, stat=stat.value,
-        of=of, stats=stats, positions=positions.value, controls=controls, seed=seed, device=device, dtype=dtype,
+        of=of, stats=open_stores([stats]) if stats and storage_options() else stats, positions=positions.value, controls=controls, seed=seed, device=device, dtype=dtype,
         max_length=max_length, max_batch_tokens=max_batch_tokens, module_pattern=module_pattern,
         input_format=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col,
         progress=None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]")),

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from cli import compare as compare_cli
-from cli import demo as demo_cli
-from cli import extract as extract_cli
-from cli import finetune as finetune_cli
-from cli import info as info_cli
-from cli import intervene as intervene_cli
-from cli import plot as plot_cli
-from cli import query as query_cli
+from . import compare as compare_cli
+from . import demo as demo_cli
+from . import extract as extract_cli
+from . import finetune as finetune_cli
+from . import info as info_cli
+from . import options
+from . import intervene as intervene_cli
+from . import plot as plot_cli
+from . import query as query_cli
 
 app = typer.Typer(
     name="neurostore",
@@ -28,6 +29,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root(
+    storage_option: list[str] = typer.Option(
+        [], "--storage-option", metavar="KEY=VALUE",
+        help="fsspec option for s3:// (or other URL) stores, for any command; repeat it: endpoint_url=http://host:9000, "
+             "key=..., secret=..., anon=true, client_kwargs.region_name=eu-west-1.", show_default=False),
+) -> None:
+    """Neuron-level activation statistics for transformers over large multilingual corpora."""
+    options.STORAGE_OPTIONS.clear()
+    options.STORAGE_OPTIONS.update(options.parse_storage_options(storage_option))
+
+
 extract_cli.register(app)
 info_cli.register(app)
 app.add_typer(query_cli.app, name="query")
@@ -38,5 +53,25 @@ demo_cli.register(app)
 finetune_cli.register(app)
 
 
+def main() -> None:
+    """The console script. ``--storage-option`` belongs to the root (it serves every command), but a
+    user writes it after the command too: those pairs move in front of the command."""
+    import sys
+
+    front, rest, args, i = [], [], sys.argv[1:], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--storage-option" and i + 1 < len(args):
+            front += args[i:i + 2]
+            i += 2
+            continue
+        (front if arg.startswith("--storage-option=") else rest).append(arg)
+        i += 1
+    app(args=front + rest, prog_name="neurostore")
+
+
 if __name__ == "__main__":
-    app()
+    main()

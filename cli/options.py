@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import OutputFormat, fail
+from .common import OutputFormat, fail
 
 # --- the store and what part of it a query reads --------------------------------------------------
 STORES = typer.Argument(..., help="The store, or several --part stores of one extraction read as one.", show_default=False)
@@ -146,7 +146,44 @@ def renamed(value: Any, old_value: Any, name: str, old_name: str) -> tuple[Any, 
 
 
 def open_stores(stores: list[str]) -> Any:
-    """The STORES argument as one store (several --part stores read as one)."""
+    """The STORES argument as one store (several --part stores, or a collection, read as one)."""
     import neurostore
 
-    return neurostore.open(stores)
+    return neurostore.open(stores, storage_options=storage_options())
+
+
+# `neurostore --storage-option KEY=VALUE COMMAND ...` (cli.main's callback sets it for the command)
+STORAGE_OPTIONS: dict[str, Any] = {}
+
+
+def storage_options() -> dict[str, Any] | None:
+    """The fsspec options of s3:// (or other URL) stores given to this command; None if none."""
+    return dict(STORAGE_OPTIONS) or None
+
+
+def parse_storage_options(values: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as fsspec storage options: ``true``/``false`` and numbers become values,
+    a dotted key nests (``client_kwargs.region_name=eu-west-1``)."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--storage-option {item!r}: give KEY=VALUE, e.g. endpoint_url=http://localhost:9000, anon=true")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        *path, last = key.strip().split(".")
+        into = out
+        for part in path:
+            into = into.setdefault(part, {})
+            if not isinstance(into, dict):
+                fail(f"--storage-option {item!r}: {part} is given both as a value and as a group of options")
+        into[last] = value
+    return out

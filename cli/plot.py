@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import console, fail, handle_errors
-from cli.options import (
+from .common import console, fail, handle_errors
+from .options import (
     BY, CORRELATION, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, QUANTITY, SCHEDULER, SITE, STORES,
     THRESHOLD, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores, parse_int_list, renamed, run_options, selection,
 )

@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import OutputFormat, console, fail, handle_errors, print_json, print_table, write_csv
-from cli.options import (
+from .common import OutputFormat, console, fail, handle_errors, print_json, print_table, write_csv
+from .options import (
     ALL_LAYERS, BY, CORRELATION, FORMAT, LABEL, LANG, LAPE_FILTER_RATE, LAPE_LAYERS, LAPE_SITE, LAYER, NO_CACHE, PER, POOL, SCHEDULER,
     QUANTITY, SITE, SKIP_SPECIAL, STORES, THRESHOLD, TOKEN_KIND, TOKENS, TOP_RATE, WHERE, WITHIN, WORKERS, ZSCORE, filters, open_stores,
     parse_int_list, renamed, run_options, selection,

@@ -74,10 +74,10 @@ def _damaged_entry(store: st.Store, key: str, err: BaseException) -> None:
     return None
 
 
-def _open_writable(path: str) -> Any:
+def _open_writable(path: str, storage_options: dict | None = None) -> Any:
     import zarr
 
-    return zarr.open_group(path, mode="r+")
+    return zarr.open_group(path, mode="r+", use_consolidated=False, storage_options=storage_options)
 
 
 def write(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
@@ -88,7 +88,7 @@ def write(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
     shared storage) is skipped silently; any other failure (a full disk, an I/O error) is one
     warning: the result is the same without the cache."""
     try:
-        root = _open_writable(store.paths[0])
+        root = _open_writable(store.paths[0], store.storage_options if "://" in store.paths[0] else None)
         cache = _cache_group(root)
         folder = _local_folder(root, "cache")
         for i, layer in enumerate(mom.layers):
@@ -102,6 +102,7 @@ def write(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
                 arrays["hist"] = mom.hist[:, :, i]
             attrs = {"ok": True, "slice": slice_, "hist": mom.hist is not None, "langs": mom.langs, "groups": mom.groups}
             _write_entry(cache, folder, key, arrays, attrs)
+        st.consolidate(root)
         return True
     except (PermissionError, NotImplementedError):  # read-only (shared) storage: recompute next time, silently
         return False
@@ -153,7 +154,9 @@ def _write_entry(cache: Any, folder: str | None, key: str, arrays: dict[str, np.
         entry = cache.require_group(name)
         entry.attrs.update({"ok": False})
         for array, value in arrays.items():
-            entry.create_array(array, data=np.ascontiguousarray(value), compressors=st.table_codecs(), overwrite=True)
+            value = np.ascontiguousarray(value)
+            entry.create_array(array, data=value, compressors=st.table_codecs(), overwrite=True,
+                               dimension_names=st.stat_dims(array, value.ndim, ("lang", "group")))
         entry.attrs.update(attrs)
         if folder is None:
             return

@@ -224,6 +224,7 @@ def extract(
     wrap_store: Callable[[Any], Any] | None = None,
     kill_at: str | dict[str, int] | None = None,
     lock_owner: str | None = None,
+    storage_options: dict | None = None,
 ) -> ExtractResult:
     """Extract activations of ``corpus_paths`` into the store at ``out``.
 
@@ -255,7 +256,7 @@ def extract(
         raise NeurostoreError("--resume and --overwrite contradict each other: pick one")
     _check_target(out)
     made = _first_missing(out)
-    target = st.zarr_store(out)
+    target = st.zarr_store(out, storage_options)  # storage_options: of an s3:// (fsspec) --out
     if wrap_store is not None:
         target = wrap_store(target)
     kills = kill_points(kill_at)

@@ -84,11 +84,14 @@ def write(group: zarr.Group, name: str, streams: dict[tuple[str, str], tuple[np.
     codecs = st.table_codecs(crc)
     for (site, rows), (cells, layers, entries) in streams.items():
         base = f"stats/{name}/{site}/{rows}"
-        arr = group.create_array(f"{base}/cells", data=np.ascontiguousarray(cells, dtype=np.int32), compressors=codecs)
+        arr = group.create_array(f"{base}/cells", data=np.ascontiguousarray(cells, dtype=np.int32), compressors=codecs,
+                                 dimension_names=st.stat_dims("cells", 2, ("cell",)))
         arr.attrs.update({"columns": ["kind", "lang", "label"]})
         for layer, entry in zip(layers, entries):
             for key, value in entry.items():
-                group.create_array(f"{base}/{layer}/{key}", data=np.ascontiguousarray(value), compressors=codecs)
+                value = np.ascontiguousarray(value)
+                group.create_array(f"{base}/{layer}/{key}", data=value, compressors=codecs,
+                                   dimension_names=st.stat_dims(key, value.ndim, ("cell",)))
 
 
 def drop_other_entries(group: zarr.Group, keep: str | None) -> None:
@@ -105,6 +108,7 @@ def drop_other_entries(group: zarr.Group, keep: str | None) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             del stats[name]
+    st.consolidate(group)  # the consolidated metadata written at the commit still lists the dropped entries
 
 
 def _folder(group: Any, path: str) -> str | None:
@@ -200,6 +204,15 @@ def _targets(store: st.Store, plan: Plan, cells: np.ndarray) -> np.ndarray:
     return np.where(keep, lang_index * len(plan.groups) + by_index, -1)
 
 
+def _cells(store: st.Store, part: int, cells: np.ndarray) -> np.ndarray:
+    """A part's cell table with its language and label codes as the store's (a collection merges
+    the members' category names: :meth:`Store.recode`)."""
+    cells = np.array(cells)
+    cells[:, 1] = store.recode("docs/lang", part, cells[:, 1])
+    cells[:, 2] = store.recode("docs/label", part, cells[:, 2])
+    return cells
+
+
 def _stream(sel: Any) -> str:
     return "tokens" if sel.rows == "tokens" else sel.rows
 
@@ -210,12 +223,12 @@ def moments(store: st.Store, plan: Plan, quantiles: bool = False) -> mo.GroupMom
     sel = plan.selection
     n_groups = len(plan.langs) * len(plan.groups)
     accs = [mo.empty_partial(n_groups, plan.width, quantiles) for _ in sel.layers]
-    for group, meta in zip(store.groups, store.metas):
+    for i, (group, meta) in enumerate(zip(store.groups, store.metas)):
         name = meta["stats"].get("entry")
         if name is None:
             continue
         base = f"stats/{name}/{sel.site}/{_stream(sel)}"
-        targets = _targets(store, plan, _read(group, f"{base}/cells"))
+        targets = _targets(store, plan, _cells(store, i, _read(group, f"{base}/cells")))
         picked = np.flatnonzero(targets >= 0)
         if not len(picked):
             continue
@@ -247,12 +260,12 @@ def top_rows(store: st.Store, plan: Plan, neuron: int, k: int) -> list[tuple[int
     layer = sel.layers[0]
     values, rows = [], []
     shift = 0
-    for group, meta in zip(store.groups, store.metas):
+    for i, (group, meta) in enumerate(zip(store.groups, store.metas)):
         name = meta["stats"].get("entry")
         part_rows = meta["committed_tokens" if sel.rows == "tokens" else "committed_docs"]
         if name is not None:
             base = f"stats/{name}/{sel.site}/{_stream(sel)}"
-            targets = _targets(store, plan, _read(group, f"{base}/cells"))
+            targets = _targets(store, plan, _cells(store, i, _read(group, f"{base}/cells")))
             picked = np.flatnonzero(targets >= 0)
             if len(picked):
                 v = _read(group, f"{base}/{layer}/top_value", (slice(None), neuron))[picked]

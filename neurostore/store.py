@@ -27,6 +27,11 @@ read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
                                     extracted with --quantity relevance or both (attrs["quantities"]
                                     lists what is stored, attrs["relevance"] the rule and target);
                                     acts/ and pooled/ are absent with --quantity relevance
+    acts/{site}_layer, pooled/{site}/{site}_layer  [n_layers] int32  the layer numbers (coordinates)
+
+Every array names its dimensions (per site ``{site}_layer``/``{site}_neuron``, so xarray opens the
+store with ``xr.open_datatree``) and the root carries consolidated metadata, rewritten with each
+commit and cache write for outside readers; neurostore never reads it (:func:`open_group`).
 
     cache/<key>/...                 statistics of earlier queries (derived data: a damaged entry is
                                     dropped and recomputed)
@@ -196,8 +201,11 @@ def decode(values: np.ndarray, store_dtype: str) -> np.ndarray:
 
 
 def open_group(url: Any, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
-    """A local path, any fsspec URL (``s3://``, ``gs://``, ``memory://`` ...) or a Zarr store object."""
-    kwargs: dict[str, Any] = {"mode": mode}
+    """A local path, any fsspec URL (``s3://``, ``gs://``, ``memory://`` ...) or a Zarr store object.
+
+    Never through the consolidated metadata: it is written for outside readers (xarray) and hides
+    nodes added after it (a cache entry, a stats entry), so neurostore itself always lists the store."""
+    kwargs: dict[str, Any] = {"mode": mode, "use_consolidated": False}
     if storage_options and isinstance(url, str) and "://" in url:
         kwargs["storage_options"] = storage_options
     return zarr.open_group(url, **kwargs)
@@ -235,7 +243,37 @@ def fresh_group(store: Any) -> zarr.Group:
                     await store.delete(key)
 
         sync(wipe())
-    return zarr.open_group(store, mode="a")
+    return zarr.open_group(store, mode="a", use_consolidated=False)
+
+
+def consolidate(group: zarr.Group) -> bool:
+    """Rewrite the root's consolidated metadata (every node's metadata in one document), so xarray
+    and remote readers open the store with one read; done after each commit and cache write.
+
+    Best effort: neurostore never reads it (see :func:`open_group`), and a failure (read-only
+    storage, damaged metadata in the cache) must not fail the extraction or query it follows."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "consolidated metadata is not in the Zarr 3 specification": known
+            zarr.consolidate_metadata(group.store, path=group.path or "")
+        return True
+    except Exception:  # noqa: BLE001 - anything: the data are written either way
+        return False
+
+
+def stat_dims(key: str, ndim: int, lead: tuple[str, ...]) -> tuple[str, ...]:
+    """Dimension names of a statistics array: ``lead`` is ``("cell",)`` in a stats-only entry and
+    ``("lang", "group")`` in a cache entry, then the neuron and the sketch bin or top-k rank."""
+    if key == "cells":
+        return ("cell", "column")
+    names = lead + ("neuron", "rank" if key.startswith("top_") else "bin")
+    return (names + tuple(f"{key}_dim{i}" for i in range(len(names), ndim)))[:ndim]
+
+
+def site_dims(site: str) -> tuple[str, str]:
+    """The layer and neuron dimension names of a site's arrays: per site, so that ``resid`` and
+    ``mlp`` (other widths, maybe other layers) never clash in one xarray Dataset."""
+    return f"{site}_layer", f"{site}_neuron"
 
 
 def open_checked(path: str, storage_options: dict | None = None, mode: str = "r") -> zarr.Group:
@@ -247,7 +285,9 @@ def open_checked(path: str, storage_options: dict | None = None, mode: str = "r"
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise NeurostoreError(f"{path}: not a neurostore store (no Zarr group there)") from None
     except PermissionError as err:
-        raise NeurostoreError(f"{path}: cannot be opened ({err.strerror})") from None
+        why = err.strerror or str(err).splitlines()[0][:120] or "permission denied"
+        hint = "; check the credentials (--storage-option key=... secret=..., or anon=true)" if "://" in path else ""
+        raise NeurostoreError(f"{path}: cannot be opened ({why}){hint}") from None
 
 
 def check_metadata(path: str) -> None:
@@ -396,18 +436,20 @@ def create(
     def table(name: str, values: np.ndarray, dtype: Any, attrs: dict | None = None) -> None:
         n = len(values)
         chunk = max(1, min(n, 1 << 20 if np.dtype(dtype).itemsize <= 8 else 1 << 16))
-        arr = group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=table_codecs(crc))
+        arr = group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=table_codecs(crc),
+                                 dimension_names=("doc",) if name.startswith("docs/") else ("token",))
         if n:
             arr[:] = values
         if attrs:
-            arr.attrs.update(attrs)
+            arr.attrs.update(categorical_attrs(attrs))
 
     table("docs/label", label[1], "int32", {"categories": label[0]})
     table("docs/lang", lang[1], "int32", {"categories": lang[0]})
     table("docs/token_start", token_start, "int64")
     table("docs/n_tokens", n_tokens.astype(np.int32), "int32")
     table("docs/truncated", truncated.astype(bool), "bool")
-    text = group.create_array("docs/text", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str, compressors=table_codecs(crc))
+    text = group.create_array("docs/text", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str, compressors=table_codecs(crc),
+                              dimension_names=("doc",))
     if n_docs:
         text[:] = np.array(texts, dtype=object)
     table("tokens/token_id", token_ids.astype(np.int32), "int32")
@@ -421,7 +463,7 @@ def create(
     if offsets is not None:
         spans = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
         arr = group.create_array("tokens/offsets", shape=spans.shape, chunks=(max(1, min(len(spans), 1 << 19)), 2), dtype="int32", fill_value=-1,
-                                 compressors=table_codecs(crc))
+                                 compressors=table_codecs(crc), dimension_names=("token", "span"))
         if len(spans):
             arr[:] = spans
     elif "token_offsets" in features:
@@ -432,6 +474,7 @@ def create(
     activations = "stats_only" not in features  # a stats-only store keeps statistics (statsonly) in their place
     for site, spec in meta["sites"].items() if activations else ():
         n_layers, width = len(spec["layers"]), spec["width"]
+        layer_dim, neuron_dim = site_dims(site)
         shapes = []
         for quantity in quantities(meta):
             if meta["tokens"]:
@@ -447,18 +490,35 @@ def create(
                 dtype=dtype,
                 compressors=compressors(meta.get("compression", DEFAULT_COMPRESSION), dtype.itemsize, crc),
                 fill_value=0,
-                dimension_names=("token" if name.startswith(("acts", "relevance/")) else "doc", "layer", "neuron"),
+                dimension_names=("token" if name.startswith(("acts", "relevance/")) else "doc", layer_dim, neuron_dim),
             )
             arr.attrs.update({"neurostore_dtype": store_dtype, "layers": spec["layers"], "site": site})
+        # the model's layer numbers as a coordinate variable of every group holding the site's arrays
+        for where in sorted({name.rsplit("/", 1)[0] for name, _ in shapes}):
+            coord = group.create_array(f"{where}/{layer_dim}", shape=(n_layers,), dtype="int32", fill_value=0,
+                                       compressors=table_codecs(crc), dimension_names=(layer_dim,))
+            coord[:] = np.asarray(spec["layers"], dtype=np.int32)
     if classes is not None:
-        group.create_array("docs/logits", shape=(n_docs, len(classes)), chunks=(max(1, min(n_docs, 1 << 16)), len(classes)), dtype="float32", fill_value=0, compressors=table_codecs(crc))
-        pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1, compressors=table_codecs(crc))
-        pred.attrs.update({"categories": classes})
+        group.create_array("docs/logits", shape=(n_docs, len(classes)), chunks=(max(1, min(n_docs, 1 << 16)), len(classes)), dtype="float32", fill_value=0, compressors=table_codecs(crc),
+                           dimension_names=("doc", "class"))
+        pred = group.create_array("docs/pred", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 20)),), dtype="int32", fill_value=-1, compressors=table_codecs(crc),
+                                  dimension_names=("doc",))
+        pred.attrs.update(categorical_attrs({"categories": classes}))
     meta = dict(meta, created=True, n_tokens=total)
     if "features" in meta:
         meta["features"] = features
-    group.attrs.update({ATTR: meta})
+    write_root(group, meta)
     return group
+
+
+def categorical_attrs(attrs: dict) -> dict:
+    """``attrs`` with CF's ``flag_values``/``flag_meanings`` added next to ``categories``, so
+    xarray/netCDF tools name the codes (a space inside a name becomes ``_``; -1, missing, is no flag)."""
+    names = attrs.get("categories")
+    if names is None:
+        return attrs
+    meanings = " ".join(str(n).replace(" ", "_") or "_" for n in names)
+    return {**attrs, "flag_values": list(range(len(names))), "flag_meanings": meanings}
 
 
 def commit(
@@ -484,8 +544,29 @@ def commit(
         meta, committed_docs=int(committed_docs), committed_tokens=int(committed_tokens), complete=bool(complete),
         nonfinite=counts, batches=batches,
     )
-    group.attrs.update({ATTR: meta})
+    write_root(group, meta)
     return meta
+
+
+def write_root(group: zarr.Group, meta: dict) -> None:
+    """The one metadata write of a commit: ``meta`` and, with it, the consolidated metadata of every
+    node (for xarray and remote readers; neurostore never reads it, see :func:`open_group`).
+
+    Consolidation first rewrites the root with the old metadata; the commit then replaces it with
+    the new one, consolidated nodes kept. An I/O error is the commit's (a :class:`Fault` upstream); a
+    consolidation that fails otherwise (damaged metadata in the cache) leaves the commit plain."""
+    target = group
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "consolidated metadata is not in the Zarr 3 specification": known
+            target = zarr.consolidate_metadata(group.store, path=group.path or "")
+    except OSError:
+        raise
+    except Exception:  # noqa: BLE001 - the data are committed either way
+        target = group
+    target.attrs.update({ATTR: meta})
+    if target is not group:  # the caller's group object (listed, not consolidated) sees the commit too
+        group.metadata.attributes.update({ATTR: meta})
 
 
 def add_counts(total: dict[str, dict[str, int]], counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -570,6 +651,8 @@ class Store:
     groups: list[zarr.Group]
     metas: list[dict]
     warnings: list[str] = field(default_factory=list)
+    storage_options: dict | None = None  # of remote paths (s3://...): the cache writes through them too
+    _codes: dict = field(default_factory=dict, repr=False)  # (table, column) -> (merged names, per-part code maps)
 
     @property
     def meta(self) -> dict:
@@ -663,24 +746,51 @@ class Store:
         """``table/name`` of every part, concatenated; ``index_column`` indexes the other table, so
         each part's values are shifted by the rows (``shift_key``) of the parts before it."""
         values, shift = [], 0
-        for (arr, rows), meta in zip(self._arrays(f"{table}/{name}", rows_key), self.metas):
+        for i, ((arr, rows), meta) in enumerate(zip(self._arrays(f"{table}/{name}", rows_key), self.metas)):
             v = read_zarr(arr, slice(0, rows), 0, rows)
             if name == index_column:
                 v = v + shift
+            elif "categories" in arr.attrs:
+                v = self.recode(f"{table}/{name}", i, v)
             values.append(v)
             shift += meta[shift_key]
         return np.concatenate(values) if values else np.zeros(0)
 
+    def to_xarray(self, dtype: str | None = "float32") -> Any:
+        """A labelled, lazy ``xarray.Dataset`` of the store (see :func:`neurostore.dataset.to_xarray`)."""
+        from .dataset import to_xarray
+
+        return to_xarray(self, dtype=dtype)
+
     def categories(self, name: str) -> list[str]:
-        """Category names of a categorical column (``label``, ``lang``, ``pred``)."""
+        """Category names of a categorical column (``label``, ``lang``, ``pred``); in a collection,
+        the names of every member merged (the first member's order, then each new name)."""
         try:
             arr = self.groups[0][f"docs/{name}"]
         except KeyError:
             raise NeurostoreError(f"the store has no column {name!r}") from None
-        names = arr.attrs.get("categories")
-        if names is None:
+        if arr.attrs.get("categories") is None:
             raise NeurostoreError(f"column {name!r} is not categorical")
-        return list(names)
+        return list(self._merged(f"docs/{name}")[0])
+
+    def _merged(self, path: str) -> tuple[list[str], list[np.ndarray | None]]:
+        """Merged category names of ``path`` and, per part, its codes' positions in them (None: the same)."""
+        if path not in self._codes:
+            per_part = [list(g[path].attrs.get("categories") or []) for g in self.groups]
+            merged: list[str] = []
+            for names in per_part:
+                merged += [n for n in names if n not in merged]
+            maps = [None if names == merged[: len(names)] else np.array([merged.index(n) for n in names], np.int64)
+                    for names in per_part]
+            self._codes[path] = (merged, maps)
+        return self._codes[path]
+
+    def recode(self, path: str, part: int, codes: np.ndarray) -> np.ndarray:
+        """Category codes of part ``part`` (``docs/label`` ...) as codes of the merged names; -1 stays."""
+        lookup = self._merged(path)[1][part]
+        if lookup is None or not len(codes):
+            return codes
+        return np.where(codes >= 0, lookup[np.clip(codes, 0, None)], codes).astype(codes.dtype)
 
 
 def _expand_parts_folders(paths: list[str]) -> list[str]:
@@ -706,11 +816,14 @@ def _ranges(values: Iterable[int]) -> str:
 
 
 def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Store:  # noqa: A001
-    """Open a store, or several ``extract --part`` stores as one.
+    """Open a store, or several stores as one: ``extract --part`` stores of one corpus, and/or a
+    *collection*: stores of one model and the same sites, dtype and poolings extracted from
+    different corpora (a language added later is a new extraction).
 
-    Parts are ordered by their part index, so the sentences come back in corpus order whatever
-    order the paths are given in. An incomplete store opens with a warning and shows its committed
-    rows only.
+    Members come in the order given (a corpus' parts by their part index, so its sentences come
+    back in corpus order); their category names are merged and codes remapped on read
+    (:meth:`Store.recode`). The same corpus (and part) twice is refused. An incomplete store opens
+    with a warning and shows its committed rows only.
     """
     if isinstance(paths, str):
         paths = [paths]
@@ -725,20 +838,30 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
             raise NeurostoreError(f"{path}: not a neurostore store (no '{ATTR}' metadata, or creation never finished)")
         store_features(meta, path)
         loaded.append((str(path), group, meta))
-    loaded.sort(key=lambda item: (item[2]["corpus"].get("part") or [0, 1])[0])
+    corpora = list(dict.fromkeys(meta["corpus"]["fingerprint"] for _, _, meta in loaded))
+    loaded.sort(key=lambda item: (corpora.index(item[2]["corpus"]["fingerprint"]), (item[2]["corpus"].get("part") or [0, 1])[0]))
     first = loaded[0][2]
     for path, _, meta in loaded[1:]:
         if ("stats_only" in (meta.get("features") or [])) != ("stats_only" in (first.get("features") or [])):
             raise NeurostoreError(f"{path}: a stats-only store and a full store cannot be read as one; open them separately")
         if meta.get("stats", {}).get("groups") != first.get("stats", {}).get("groups"):
             raise NeurostoreError(f"{path}: keeps statistics per {meta['stats']['groups']}, {loaded[0][0]} per {first['stats']['groups']}; "
-                                  "parts must come from one extraction")
+                                  "stores read as one must keep the same --groups")
         for key in ("sites", "store_dtype", "pool", "tokens"):
             if meta[key] != first[key]:
-                raise NeurostoreError(f"{path}: its {key!r} differs from {loaded[0][0]}; parts must come from one extraction")
-        if meta["model"]["name"] != first["model"]["name"] or meta["corpus"]["fingerprint"] != first["corpus"]["fingerprint"]:
-            raise NeurostoreError(f"{path}: made from another model or corpus than {loaded[0][0]}")
-    store = Store([p for p, _, _ in loaded], [g for _, g, _ in loaded], [m for _, _, m in loaded])
+                raise NeurostoreError(f"{path}: its {key!r} differs from {loaded[0][0]}; stores read as one need the same "
+                                      "sites, layers, store dtype, poolings and tokens")
+        if meta["model"]["name"] != first["model"]["name"]:
+            raise NeurostoreError(f"{path}: made from another model ({meta['model']['name']}) than {loaded[0][0]} "
+                                  f"({first['model']['name']}); stores read as one need one model")
+    seen: dict[tuple, str] = {}
+    for path, _, meta in loaded:
+        key = (meta["corpus"]["fingerprint"], tuple(meta["corpus"].get("part") or ()))
+        if key in seen:
+            raise NeurostoreError(f"{path}: the same corpus{' part' if key[1] else ''} as {seen[key]}; "
+                                  "give each corpus (or part) once")
+        seen[key] = path
+    store = Store([p for p, _, _ in loaded], [g for _, g, _ in loaded], [m for _, _, m in loaded], storage_options=storage_options)
     for path, _, meta in loaded:
         if not meta["complete"]:
             message = (
