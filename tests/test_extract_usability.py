@@ -245,7 +245,7 @@ def test_store_model_name_works_offline_for_extract_and_intervene(minilm, online
     result = invoke("intervene", emotions_csv, "--text-col", "sentence", "--label-col", "emotion", "--model", name,
                     "--neurons", "1:1", "--site", "resid")
     assert result.exit_code == 2
-    assert_one_line(result, "error:", "not a sequence classifier")
+    assert_one_line(result, "error:", "neither a sequence classifier nor a causal LM")
     assert time.perf_counter() - t < 30
 
 

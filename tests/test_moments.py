@@ -136,7 +136,7 @@ def test_cache_invalidated_when_commits_move(tmp_path):
 def test_readonly_store_recomputes(tmp_path, monkeypatch):
     synth = make_store(str(tmp_path / "ro.zarr"), n_docs=30)
 
-    def readonly(path):
+    def readonly(path, *options):
         raise PermissionError(f"{path}: read-only file system")
 
     monkeypatch.setattr(cache, "_open_writable", readonly)
