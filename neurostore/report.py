@@ -154,11 +154,7 @@ def build(
     sketch = not (stats_only and not statsonly.settings(store)["sketch"])
     if not sketch:
         notes.append("no distributions: this stats-only store was extracted without the quantile sketch (--no-sketch)")
-    if progress:
-        progress("statistics", 0, 1)
-    mom = mo.group_moments(store, plan, quantiles=sketch, run=RunOptions(None, workers, cache))
-    if progress:
-        progress("statistics", 1, 1)
+    mom = _statistics(store, plan, neurons, sketch, RunOptions(None, workers, cache), progress)
     if not (mom.count > 0).any():
         raise NeurostoreError("report: no rows selected (widen --lang/--label/--where, or check --by)")
 
@@ -186,6 +182,26 @@ def build(
     data = _page_data(store, neurons, mom, plan, found, doc_info, shading, scores or {}, score_name, k, title, notes,
                       quantity=quantity, ex_rows=ex_rows, ex_plan=ex_plan)
     return Report(data, notes=notes)
+
+
+def _statistics(store: st.Store, plan: Any, neurons: NeuronSet, sketch: bool, run: RunOptions, progress: Progress | None) -> mo.GroupMoments:
+    """The grouped statistics of the set's neurons, one layer at a time (cached per layer in the
+    store), kept for those neurons only: one layer axis, the set's neurons in layer order as the
+    width (memory: one layer's sketch, whatever the number of layers)."""
+    parts = []
+    layers = sorted(neurons.layers)
+    for i, layer in enumerate(layers):
+        m = mo.group_moments(store, plan.with_layers([layer]), quantiles=sketch, run=run)
+        take = np.asarray(neurons.layers[layer], np.int64)
+        parts.append(m)
+        for key in ("mean", "m2", "pos", "vmin", "vmax", "hist"):
+            if getattr(m, key) is not None:
+                setattr(m, key, getattr(m, key)[:, :, :, take])
+        if progress:
+            progress("statistics", i + 1, len(layers))
+    cat = {key: np.concatenate([getattr(m, key) for m in parts], axis=3) for key in ("mean", "m2", "pos", "vmin", "vmax")}
+    hist = np.concatenate([m.hist for m in parts], axis=3) if sketch else None
+    return mo.GroupMoments(plan.selection, parts[0].langs, parts[0].groups, [0], parts[0].count, hist=hist, **cat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,19 +514,21 @@ def _page_data(store: st.Store, neurons: NeuronSet, mom: mo.GroupMoments, plan: 
         qs = sk.quantiles(hist, vmin, vmax, (0.1, 0.5, 0.9))  # [3, G, layers, D]
     starts = store.doc_column("token_start").astype(np.int64) if ex_rows == "tokens" else None
     entries = []
+    column = 0  # the statistics hold the set's neurons in layer order (_statistics)
     for layer in sorted(neurons.layers):
-        li = mom.layers.index(layer)
         for d in neurons.layers[layer]:
+            li, c = 0, column
+            column += 1
             e: dict[str, Any] = {
                 "layer": layer, "neuron": d, "score": _round(scores.get((layer, d))),
-                "z_label": _round(z_label[:, li, d]), "z_lang": _round(z_lang[:, li, d]), "p_active": _round(p_act[li, d]),
-                "heat": _round(heat[:, :, li, d]),
+                "z_label": _round(z_label[:, li, c]), "z_lang": _round(z_lang[:, li, c]), "p_active": _round(p_act[li, c]),
+                "heat": _round(heat[:, :, li, c]),
             }
             if hist is not None:
-                h = hist[:, li, d]  # [G, bins]
+                h = hist[:, li, c]  # [G, bins]
                 nz = np.flatnonzero(h.sum(axis=0))
                 lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
-                e["dist"] = {"lo": lo, "counts": h[:, lo:hi].astype(int).tolist(), "q": _round(qs[:, :, li, d].T)}
+                e["dist"] = {"lo": lo, "counts": h[:, lo:hi].astype(int).tolist(), "q": _round(qs[:, :, li, c].T)}
             ex = []
             for doc, value, row in found.get((layer, d), []):
                 item: dict[str, Any] = {"doc": doc, "value": _round(value)}
