@@ -219,3 +219,15 @@ def test_page_in_a_real_browser(extracted, tmp_path):
     shot = tmp_path / "neuron.png"
     browse(url + "#show=0:1", "--window-size=1100,900", f"--screenshot={shot}")
     assert shot.stat().st_size > 10_000
+
+
+def test_damaged_chunk_is_one_line_fault(tmp_path):
+    s = make_store(str(tmp_path / "d.zarr"), n_docs=20, seed=6)
+    shards = sorted(p for p in (tmp_path / "d.zarr" / "acts" / "resid").rglob("*") if p.is_file() and p.name != "zarr.json")
+    for shard in shards:  # flipped bits in every chunk (the index at the end kept): checksums no longer match
+        raw = bytearray(shard.read_bytes())
+        for i in range(0, len(raw) // 2, 64):
+            raw[i] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    one_line(["report", s.path, "--neurons", "1:3", "--site", "resid", "--out", tmp_path / "r.html"], "damaged", code=1)
+    assert not (tmp_path / "r.html").exists()
