@@ -135,6 +135,9 @@ def build(
     ``token_kind``: the token rows kept for the examples (and for the statistics when they are
     token rows)."""
     check_count(k, "--k")
+    if by == "lang":
+        raise NeurostoreError("--by lang: the report shows languages already (the heatmap's rows, the per-language columns); "
+                              "group by another column (--by label, or a stored categorical such as pred)")
     if not neurons.n:
         raise NeurostoreError(f"--neurons: the set from {neurons.source or 'the list'} is empty; nothing to report")
     site = neurons.site

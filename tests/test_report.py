@@ -183,6 +183,7 @@ def test_cli_writes_the_page_and_refuses_in_one_line(synth, tmp_path):
     one_line(["report", synth.path, "--neurons", "1:3", "--out", out], "needs --site")
     one_line(["report", synth.path, "--neurons", "1:3", "--site", "resid", "--out", out, "--quantity", "relevance"], "no relevance")
     one_line(["report", synth.path, "--neurons", "1:3", "--site", "resid", "--out", out, "--lang", "xx"], "no value 'xx'")
+    one_line(["report", synth.path, "--neurons", "1:3", "--site", "resid", "--out", out, "--by", "lang"], "shows languages already")
 
 
 def chromium() -> str | None:
