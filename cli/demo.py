@@ -2,7 +2,7 @@
 
 Extract (resid + mlp, every token, pooled) -> the paper's analysis on the pooled sentence vectors
 of the last layer (label variance, cross-lingual correlation, polyglot / monolingual neurons) and
-LAPE on the MLP neurons -> figures. Each step is the same library call the other commands make.
+LAPE on the MLP neurons -> figures -> the neuron browser (report.html) of the label-sensitive neurons. Each step is the same library call the other commands make.
 """
 
 from __future__ import annotations
@@ -69,7 +69,17 @@ def demo_command(
     ]
     for path in written:
         console.print(f"  {path}")
-    console.print(f"\n[green]done[/]: store {store_path}, figures in [bold]{figures}[/]")
+
+    from neurostore import report as rp
+    from neurostore.neurons import neuron_set_from_json
+
+    page = out_dir / "report.html"
+    sensitive = neuron_set_from_json(var.to_json(), source="the variance top")
+    rep = rp.build(store, sensitive, scores={(layer, n): v for n, v in var.top}, score_name="variance", k=20, rows=pool,
+                   title=f"top {top} label-variance neurons, resid layer {layer}")
+    rp.write(rep, page)
+    console.print(f"\n[bold]4. report[/]: the {sensitive.n} label-sensitive neurons, browsable: [bold]{page}[/] (open it in a browser)")
+    console.print(f"\n[green]done[/]: store {store_path}, figures in [bold]{figures}[/], report {page}")
 
 
 def register(app: typer.Typer) -> None:

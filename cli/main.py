@@ -13,6 +13,7 @@ from . import options
 from . import intervene as intervene_cli
 from . import plot as plot_cli
 from . import query as query_cli
+from . import report as report_cli
 
 app = typer.Typer(
     name="neurostore",
@@ -23,7 +24,7 @@ app = typer.Typer(
         "info: what a store holds. query: out-of-core statistics (variance, correlation, polyglot "
         "neurons, LAPE, selectors). plot: figures from query results. intervene: ablate, set or "
         "amplify neurons and measure the effect on a classifier or a language model. compare: overlap "
-        "of neuron sets."
+        "of neuron sets. report: a browsable HTML page of a neuron set."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -49,6 +50,7 @@ app.add_typer(query_cli.app, name="query")
 app.add_typer(plot_cli.app, name="plot")
 intervene_cli.register(app)
 compare_cli.register(app)
+report_cli.register(app)
 demo_cli.register(app)
 finetune_cli.register(app)
 
