@@ -179,3 +179,42 @@ def test_cli_one_line_errors(audio_models, tmp_path):
         res = runner.invoke(app, [*args, "--out", str(tmp_path / "x.zarr"), "--device", "cpu", "--quiet"])
         lines = res.stderr.strip().splitlines()
         assert res.exit_code == 2 and len(lines) == 1 and expect in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_intervene_label_words(audio_models, tmp_path):
+    """Qwen2-Audio as a classifier by label words: scores equal the label words' log-probabilities
+    computed from the model's own outputs; ablation, self/cross and controls as for classifiers."""
+    from neurostore import audio
+    from neurostore import intervene as iv
+    from neurostore.models import load
+
+    corpus = subset(tmp_path / "c.jsonl", every=4)
+    words = "anger=angry,joy=happy,neutral=calm,sadness=sad"
+    loaded = load(str(audio_models["qwen2_audio"]), torch.device("cpu"))
+    c = read_corpus([corpus], prompt="The speaker sounds")
+    data = iv.prepare_audio(loaded, c, words, max_batch_tokens=256)
+    scores = iv.predict(loaded, data)
+    tok = loaded.tokenizer
+    for i in (0, 5):  # independent: the processor's own inputs, one forward per label word
+        wave = audio.load_waveform(c.audio[i], 16000)
+        for k, word in enumerate(["angry", "happy", "calm", "sad"]):
+            enc = loaded.audio.processor(text=["<|audio_bos|><|AUDIO|><|audio_eos|>The speaker sounds"], audio=[wave], sampling_rate=16000,
+                                         return_tensors="pt")
+            w = tok(" " + word, add_special_tokens=False)["input_ids"]
+            ids = torch.cat([enc["input_ids"], torch.tensor([w])], dim=1)
+            with torch.inference_mode():
+                logp = torch.log_softmax(loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=enc["input_features"],
+                                                      feature_attention_mask=enc["feature_attention_mask"]).logits[0].float(), -1)
+            n = enc["input_ids"].shape[1]
+            expect = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(w))
+            assert abs(scores[i, k] - expect) < 1e-4 * max(1.0, abs(expect))
+    res = runner.invoke(app, ["intervene", str(corpus), "--model", str(audio_models["qwen2_audio"]), "--neurons", "1:0,1:3,2:5", "--site", "mlp",
+                              "--label-words", words, "--prompt", "The speaker sounds", "--target", "joy", "--controls", "2", "--device", "cpu",
+                              "--format", "json"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    out = json.loads(res.stdout)
+    assert out["task"] == "label-words" and set(out["baseline"]["per_label"]) == {"anger", "joy", "neutral", "sadness"}
+    assert out["intervened"]["effect"]["by"] == "label" and len(out["controls"]) == 2
+    res = runner.invoke(app, ["intervene", str(corpus), "--model", str(audio_models["qwen2_audio"]), "--neurons", "1:0", "--site", "mlp",
+                              "--label-words", "joy=happy", "--device", "cpu"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "no word for label(s) anger" in res.stderr
