@@ -204,7 +204,7 @@ def read_config(name: str | None) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve(name))
+        return AutoConfig.from_pretrained(resolve(name), trust_remote_code=False)  # never transformers' interactive prompt
     except NeurostoreError:  # no such folder, hub unreachable: say so now, not after a second probe
         raise
     except Exception:  # noqa: BLE001 - load() reports a bad model properly

@@ -218,3 +218,12 @@ def test_intervene_label_words(audio_models, tmp_path):
     res = runner.invoke(app, ["intervene", str(corpus), "--model", str(audio_models["qwen2_audio"]), "--neurons", "1:0", "--site", "mlp",
                               "--label-words", "joy=happy", "--device", "cpu"])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "no word for label(s) anger" in res.stderr
+
+
+def test_remote_code_refused(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "kimi_audio", "auto_map": {"AutoConfig": "configuration_kimi.KimiConfig"}}))
+    res = runner.invoke(app, ["extract", str(SPEECH), "--model", str(folder), "--out", str(tmp_path / "x.zarr"), "--device", "cpu", "--quiet"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "--trust-remote-code" in lines[0], res.stderr
