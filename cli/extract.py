@@ -54,7 +54,11 @@ def extract_command(
     label_col: str = typer.Option("label", "--label-col", help="Column holding the label (optional in the data)."),
     lang_col: str = typer.Option("lang", "--lang-col", help="Column holding the language (optional in the data)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="Language of whole files: one code for all files, or one per file (comma-separated). \\[default: the --lang-col column]", show_default=False),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count corpus rows whose text is empty or missing, instead of stopping at the first."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count corpus rows whose text is empty or missing, or whose audio file is missing or undecodable, instead of stopping at the first."),
+    audio_col: str = typer.Option("audio", "--audio-col", help="Column naming each row's audio file (relative to the corpus file, absolute, or an fsspec URL); a corpus with it is read as speech."),
+    prompt_col: str = typer.Option("prompt", "--prompt-col", help="Column holding an audio-language model's text prompt for the row (optional in the data)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="An audio-language model's text prompt, after the audio, for rows without a --prompt-col value. \\[default: none]", show_default=False),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Load an architecture whose code comes from the model's repository (review that code first)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the store's estimated size (rows, tokens, arrays, bytes raw and on disk) against the free space, and exit without writing."),
     no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even where the estimate says the target has too little free space."),
     stats_only: bool = typer.Option(False, "--stats-only", help="Store no activations: reduce every batch during the forward pass into statistics per language and label (count, mean, variance, P(act > 0), min/max, the quantile sketch, top rows per neuron), enough for variance, correlate, polyglot, lape, select, stats and top-examples. For corpora too large to store; see the README's table of what each mode answers."),
@@ -106,6 +110,7 @@ def extract_command(
         rule=rule,
         relevance_target=relevance_target,
         commit_seconds=commit_every,
+        trust_remote_code=trust_remote_code,
     )
     output = OutputFormat.table
     if fmt is not None and fmt in (OutputFormat.table.value, OutputFormat.json.value):
@@ -114,7 +119,8 @@ def extract_command(
         input_format = input_format or fmt
     elif fmt is not None:
         raise NeurostoreError(f"--format {fmt!r}: use table or json (how --dry-run prints); the corpus format is --input-format")
-    corpus_options = dict(fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col, lang=lang, skip_bad=skip_bad)
+    corpus_options = dict(fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col, lang=lang, skip_bad=skip_bad,
+                          audio_col=audio_col, prompt_col=prompt_col, prompt=prompt)
     if parts is not None or devices or scheduler:
         if parts is None:
             raise NeurostoreError("--devices/--scheduler: they run the parts of --parts N; add --parts")

@@ -76,6 +76,8 @@ def intervene_command(
     text_col: str = typer.Option("text", "--text-col", help="Column holding the sentence."),
     label_col: str = typer.Option("label", "--label-col", help="Column holding the gold label."),
     lang_col: str = typer.Option("lang", "--lang-col", help="Column holding the language (optional; gives per-language accuracy)."),
+    label_words: Optional[str] = typer.Option(None, "--label-words", help="Audio-language models: the word of each label, e.g. joy=happy,anger=angry; the prediction is the label whose word has the highest log-probability after the prompt.", show_default=False),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Audio-language models: the text after the audio, for rows without a 'prompt' column, e.g. 'The speaker sounds'.", show_default=False),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-label accuracy change, selected vs controls (png, pdf, svg).", show_default=False),
     fmt: OutputFormat = FORMAT,
 ) -> None:
@@ -91,7 +93,7 @@ def intervene_command(
         corpus, model, neurons, site=site, group=group, target=target, mode=mode.value, alpha=alpha, stat=stat.value,
         of=of, stats=open_stores([stats]) if stats and storage_options() else stats, positions=positions.value, controls=controls, seed=seed, device=device, dtype=dtype,
         max_length=max_length, max_batch_tokens=max_batch_tokens, module_pattern=module_pattern,
-        input_format=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col,
+        input_format=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col, label_words=label_words, prompt=prompt,
         progress=None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]")),
     )
     if plot is not None:

@@ -42,6 +42,17 @@ class Corpus:
     sources: dict[str, str | None] = field(default_factory=dict)
     # (file, columns found, label/lang columns it lacks) for files that have columns but not those
     lacking: list[tuple[str, list[str], list[tuple[str, str]]]] = field(default_factory=list)
+    # audio corpora (an audio column): the file of each row (absolute path or URL), its frames and
+    # sample rate as stored (decoding waits for the batch), and the text prompt (None: none)
+    audio: list[str] | None = None
+    audio_frames: list[int] = field(default_factory=list)
+    audio_rates: list[int] = field(default_factory=list)
+    prompts: list[str | None] = field(default_factory=list)
+
+    @property
+    def durations(self) -> list[float]:
+        """Seconds of each utterance (audio corpora)."""
+        return [n / r for n, r in zip(self.audio_frames, self.audio_rates)]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -56,6 +67,10 @@ class Corpus:
             self.skipped,
             self.sources,
             self.lacking,
+            self.audio[start:stop] if self.audio is not None else None,
+            self.audio_frames[start:stop],
+            self.audio_rates[start:stop],
+            self.prompts[start:stop],
         )
 
     def missing_columns_warning(self) -> str | None:
@@ -163,6 +178,10 @@ def read_corpus(
     lang_col: str | None = "lang",
     lang: list[str] | str | None = None,
     skip_bad: bool | None = None,
+    audio_col: str | None = "audio",
+    prompt_col: str | None = "prompt",
+    prompt: str | None = None,
+    storage_options: dict | None = None,
 ) -> Corpus:
     """Read one or more corpus files, in the order given, into a :class:`Corpus`.
 
@@ -172,6 +191,12 @@ def read_corpus(
     missing or not a string is an error naming the row, or with ``skip_bad`` left out and listed in
     ``skipped`` (the same rows on every read of the same bytes, so a resume sees the same corpus).
     ``skip_bad=None`` is for callers that offer no such option: the error then does not suggest it.
+
+    A file with an ``audio_col`` column is an audio corpus: each row names an audio file (relative
+    to the corpus file, absolute, or an fsspec URL), read from its header here (a missing or
+    undecodable file is a bad row) and decoded at extraction; the text column is then optional
+    (the audio reference stands in for it), and ``prompt_col`` or ``prompt`` gives an
+    audio-language model its text. Every file of one corpus is audio, or none is.
     """
     if not paths:
         raise NeurostoreError("no corpus file given")
@@ -190,7 +215,7 @@ def read_corpus(
 
     corpus = Corpus()
     found_in: dict[str, list[bool]] = {"label": [], "lang": []}
-    fingerprint_parts = [json.dumps([fmt, text_col, label_col, lang_col, langs_per_file]).encode()]
+    fingerprint_parts = [json.dumps([fmt, text_col, label_col, lang_col, langs_per_file] + ([audio_col, prompt_col, prompt] if prompt else [])).encode()]
     for path, file_lang in zip(map(Path, paths), langs_per_file):
         if not path.exists():
             raise NeurostoreError(f"{path}: no such file")
@@ -202,7 +227,14 @@ def read_corpus(
         rows, columns = _rows(path, file_fmt, _decoded_lines(path, raw))
         if not rows:
             raise NeurostoreError(f"{path}: no sentences in the file")
-        if file_fmt != "text" and text_col not in columns:
+        is_audio = file_fmt != "text" and bool(audio_col) and audio_col in columns
+        if corpus.audio is None and is_audio and corpus.texts:
+            raise NeurostoreError(f"{path}: has an audio column {audio_col!r} but the files before it do not; give audio and text corpora separately")
+        if is_audio and corpus.audio is None:
+            corpus.audio = []
+        elif corpus.audio is not None and not is_audio:
+            raise NeurostoreError(f"{path}: no audio column {audio_col!r}, but the files before it have one; give audio and text corpora separately")
+        if file_fmt != "text" and text_col not in columns and not is_audio:
             found = ", ".join(repr(c) for c in columns) or "none"
             raise NeurostoreError(
                 f"{path}: no column {text_col!r} (columns found: {found}); set it with --text-col"
@@ -220,7 +252,14 @@ def read_corpus(
         for n, row in rows:
             text = row.get(text_col)
             problem = None
-            if not isinstance(text, str):
+            if is_audio:
+                from . import audio
+
+                problem, ref, frames, rate = audio.check_row(path, row.get(audio_col), storage_options)
+                text = text if isinstance(text, str) and text.strip() else row.get(audio_col)
+            if problem is not None:
+                pass
+            elif not isinstance(text, str):
                 problem = f"column {text_col!r} is missing or not a string"
             elif not text.strip():
                 problem = "empty text"
@@ -231,6 +270,12 @@ def read_corpus(
                 corpus.skipped.append(f"{path}:{n}: {problem}")
                 continue
             corpus.texts.append(text)
+            if is_audio:
+                corpus.audio.append(ref)
+                corpus.audio_frames.append(frames)
+                corpus.audio_rates.append(rate)
+                given = row.get(prompt_col) if prompt_col else None
+                corpus.prompts.append(given if isinstance(given, str) and given.strip() else prompt)
             corpus.labels.append(_category(row, label_col))
             corpus.langs.append(file_lang if file_lang is not None else _category(row, lang_col))
         corpus.files.append(str(path))

@@ -61,6 +61,7 @@ class ExtractOptions:
     quantity: str | None = None  # activation, relevance or both (neurostore.relevance); default activation
     rule: str | None = None  # relevance: grad-x-act or attnlrp; default grad-x-act
     relevance_target: str | None = None  # relevance: next-token, label or predicted; default by the model's head
+    trust_remote_code: bool = False  # load an architecture whose code comes from the model's repository
 
 
 @dataclass
@@ -360,9 +361,16 @@ def _extract(
         loaded = given
     else:
         compute = models.resolve_dtype(opts.dtype, device, models.read_config(model_path))
-        loaded = (relevance.load if explains else lambda p, d, dtype: models.load(p, d, dtype=dtype))(model_path, device, dtype=compute)
+        loaded = (relevance.load if explains else lambda p, d, dtype: models.load(p, d, dtype=dtype, trust_remote_code=options.trust_remote_code))(
+            model_path, device, dtype=compute)
     opts.dtype = str(compute).removeprefix("torch.")
     explainer = None
+    if loaded.audio is not None and (explains or part.audio is None):
+        raise NeurostoreError("--quantity relevance is for text models for now; extract activations" if explains else
+                              f"{loaded.name}: an audio model needs an audio corpus (a column 'audio' naming each row's file)")
+    if loaded.audio is None and part.audio is not None:
+        raise NeurostoreError(f"{corpus.files[0]}: an audio corpus needs an audio model (wav2vec2, HuBERT, WavLM, Whisper, Qwen2-Audio); "
+                              f"{loaded.name} is a text model ({loaded.model_type})")
     if explains:
         opts.relevance_target = opts.relevance_target or relevance.default_target(loaded)
         relevance.check(opts.rule, opts.relevance_target, loaded)
@@ -386,7 +394,12 @@ def _extract(
     if opts.buffer_mb < 1:
         raise NeurostoreError(f"--buffer-mb {opts.buffer_mb}: must be at least 1")
 
-    ids, truncated, details = batching.tokenize_details(loaded.tokenizer, part.texts, opts.max_length)
+    if loaded.audio is not None:
+        from . import audio
+
+        ids, truncated, details = audio.rows(loaded, part, opts.max_length, (corpus_options or {}).get("storage_options"))
+    else:
+        ids, truncated, details = batching.tokenize_details(loaded.tokenizer, part.texts, opts.max_length)
     n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
     token_start = np.concatenate(([0], np.cumsum(n_tokens)[:-1])).astype(np.int64)
 
@@ -475,6 +488,7 @@ def _extract(
             token_kind=details.kind,
             special_tokens=details.special,
             offsets=details.offsets,
+            extra_docs={"duration": np.asarray(part.durations, np.float32), "audio": part.audio} if part.audio is not None else None,
         )
         meta = st.read_meta(group)
     else:
@@ -496,6 +510,8 @@ def _extract(
 
     todo = windows[first_window:]
     plans = plan_batches(n_tokens, todo, opts, plan_version)
+    if loaded.audio is not None and not loaded.audio.batchable:  # no attention mask: padding would change the frames
+        plans = [[b[i : i + 1] for b in plan for i in range(len(b))] for plan in plans]
     _cap_heap_growth()
     if stats_only:
         t_loop = time.perf_counter()
@@ -638,6 +654,8 @@ def _run(
                 slot = ring.acquire(writer.alive)
                 t = clock()
                 inputs = _inputs(padded, slot, device, api)
+                if loaded.audio is not None:
+                    inputs["audio"] = audio_inputs(loaded, docs, device)
                 timers["prepare"] += clock() - t
                 t = clock()
                 if explainer is None:
@@ -666,6 +684,8 @@ def _run(
                 writer.put(Batch(docs=np.asarray(docs), lengths=padded.lengths, padded_tokens=int(padded.ids.size), slot=slot, rows=rows, release=ring.release))
             writer.end_window(window)
     stages = {**timers, "wait_slot": ring.waited, "ring": ring.occupancy()}
+    if loaded.audio is not None:
+        stages["decode"] = loaded.audio.seconds  # decode + resample + features, inside "prepare"
     if copier is not None:
         stages["copy_device"] = copier.seconds()  # device time of the copies (CUDA events)
     return stages
@@ -690,6 +710,8 @@ def _run_reduced(
                 t = clock()
                 padded = batching.pad_host([ids[i] for i in docs], loaded.pad_id)
                 inputs = _inputs(padded, None, device, api)
+                if loaded.audio is not None:
+                    inputs["audio"] = audio_inputs(loaded, docs, device)
                 timers["prepare"] += clock() - t
                 t = clock()
                 out, layers_of = _forward(loaded, sites, inputs, device, compute, captured, want_hidden)
@@ -710,9 +732,22 @@ def _run_reduced(
 def _forward(loaded: models.LoadedModel, sites: dict[str, models.Site], inputs: dict[str, torch.Tensor], device: torch.device,
              compute: torch.dtype, captured: dict[str, list], want_hidden: bool) -> tuple[Any, dict[str, list[torch.Tensor]]]:
     """One forward pass: the model's output and each site's layers (hidden states, hooked modules)."""
+    if loaded.audio is not None:
+        from . import audio
+
+        with models.autocast(device, compute):
+            out = audio.forward(loaded, inputs, want_hidden)
+        return out, audio.layers_of(loaded, out, sites, captured, int(inputs["mask"].shape[1]))
     with models.autocast(device, compute):
         out = loaded.model(input_ids=inputs["ids"], attention_mask=inputs["mask"], output_hidden_states=want_hidden)
     return out, {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
+
+
+def audio_inputs(loaded: models.LoadedModel, docs: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's decoded, resampled and featurised audio (:mod:`neurostore.audio`)."""
+    from . import audio
+
+    return audio.features(loaded, docs, device)
 
 
 @contextlib.contextmanager

@@ -216,6 +216,67 @@ class EvalSet:
     langs: list[str | None]
     classes: list[str]
     n_truncated: int = 0
+    label_ids: list[list[int]] | None = None  # audio-language models: each class's label-word tokens
+
+
+def parse_label_words(spec: str | None, labels: Sequence[str | None]) -> dict[str, str]:
+    """``joy=happy,anger=angry`` as ``{label: word}``; every gold label needs a word."""
+    if not spec:
+        raise NeurostoreError("an audio-language model classifies by label words: pass --label-words joy=happy,anger=angry,...")
+    words = {}
+    for item in spec.split(","):
+        label, eq, word = item.partition("=")
+        if not eq or not label.strip() or not word.strip():
+            raise NeurostoreError(f"--label-words {item!r}: write LABEL=WORD pairs, comma-separated, e.g. joy=happy,anger=angry")
+        words[label.strip()] = word.strip()
+    missing = sorted({lab for lab in labels if lab is not None and lab not in words})
+    if missing:
+        raise NeurostoreError(f"--label-words has no word for label(s) {', '.join(missing)} of the corpus")
+    return words
+
+
+def prepare_audio(loaded: M.LoadedModel, corpus: Corpus, label_words: str | None, *, max_length: int | None = None,
+                  max_batch_tokens: int | None = None) -> EvalSet:
+    """An audio-language model as a classifier: the prompt (audio, then text) rows of extraction, and
+    the tokens of each label word, scored by their log-probability after the prompt."""
+    from . import audio
+
+    if corpus.audio is None:
+        raise NeurostoreError(f"--model {loaded.name}: an audio-language model needs an audio corpus (a column 'audio' naming each row's file)")
+    if any(label is None for label in corpus.labels):
+        raise NeurostoreError("the evaluation corpus needs a gold label per utterance (set the column with --label-col)")
+    words = parse_label_words(label_words, corpus.labels)
+    classes = list(words)
+    label_ids = [loaded.tokenizer(" " + words[c] if not words[c].startswith(" ") else words[c], add_special_tokens=False)["input_ids"]
+                 for c in classes]
+    if any(not ids for ids in label_ids) or len({tuple(ids) for ids in label_ids}) < len(label_ids):
+        raise NeurostoreError("--label-words: two labels tokenise to the same tokens (or a word to none); choose distinct words")
+    ids, cut, _ = audio.rows(loaded, corpus, max_length or loaded.max_length())
+    lengths = np.array([len(x) + max(map(len, label_ids)) for x in ids], dtype=np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    return EvalSet(ids=ids, batches=batching.plan_batches(lengths, max_batch_tokens or batching.default_batch_tokens(loaded.device)),
+                   gold=np.array([index[label] for label in corpus.labels], dtype=np.int64), langs=list(corpus.langs), classes=classes,
+                   n_truncated=int(cut.sum()), label_ids=label_ids)
+
+
+def _label_logprobs(loaded: M.LoadedModel, data: EvalSet, batch: np.ndarray, state: BatchState | None) -> torch.Tensor:
+    """``[batch, classes]``: the summed log-probability of each class's label-word tokens after the prompt."""
+    from . import audio
+
+    feats = audio.features(loaded, batch, loaded.device)
+    out = []
+    for word in data.label_ids:
+        rows = [data.ids[i] + word for i in batch]
+        ids, mask = batching.pad(rows, loaded.pad_id, loaded.device)
+        if state is not None:
+            state.set_mask(mask)
+        logp = torch.log_softmax(audio.forward(loaded, {"ids": ids, "mask": mask, "audio": feats}, False).logits.float(), dim=-1)
+        starts = torch.tensor([len(data.ids[i]) - 1 for i in batch], device=ids.device)  # the position predicting the word's first token
+        total = torch.zeros(len(batch), device=ids.device)
+        for j, token in enumerate(word):
+            total += logp[torch.arange(len(batch), device=ids.device), starts + j, token]
+        out.append(total)
+    return torch.stack(out, dim=1)
 
 
 def prepare(
@@ -267,6 +328,9 @@ def predict(
     outs = []
     with hooks as state, torch.inference_mode(), M.autocast(loaded.device, dtype):
         for batch in data.batches:
+            if data.label_ids is not None:  # an audio-language model: label-word log-probabilities
+                outs.append(_label_logprobs(loaded, data, batch, state))
+                continue
             ids, mask = batching.pad([data.ids[i] for i in batch], loaded.pad_id, loaded.device, pin=loaded.device.type == "cuda")
             if state is not None:
                 state.set_mask(mask)
@@ -498,7 +562,7 @@ def evaluate(
         )
     return {
         "model": loaded.name,
-        "task": "classifier",
+        "task": "label-words" if data.label_ids is not None else "classifier",
         "mode": spec.mode,
         "alpha": spec.alpha if spec.mode == "gain" else None,
         "positions": spec.positions,
@@ -615,6 +679,9 @@ def token_losses(
     outs = []
     with hooks as state, torch.inference_mode(), M.autocast(loaded.device, dtype):
         for batch in data.batches:
+            if data.label_ids is not None:  # an audio-language model: label-word log-probabilities
+                outs.append(_label_logprobs(loaded, data, batch, state))
+                continue
             ids, mask = batching.pad([data.ids[i] for i in batch], loaded.pad_id, loaded.device, pin=loaded.device.type == "cuda")
             if state is not None:
                 state.set_mask(mask)
@@ -819,6 +886,8 @@ def run(
     label_col: str = "label",
     lang_col: str = "lang",
     progress: Callable[[str], None] | None = None,
+    label_words: str | None = None,
+    prompt: str | None = None,
 ) -> dict:
     """Intervene on a neuron set of a sequence classifier or a causal LM and measure the effect, end
     to end: the JSON-able result of ``neurostore intervene`` (:func:`evaluate`'s or
@@ -834,7 +903,9 @@ def run(
     mode writes. A neuron set found on another model applies when that model has the same
     architecture, layer count and site width (base -> chat), and is refused otherwise. Warnings
     (empty set, positions that miss the pooled token, another model or dtype in ``stats``) go
-    through :mod:`warnings`."""
+    through :mod:`warnings`. An audio-language model (Qwen2-Audio) is a classifier by ``label_words``
+    (``joy=happy,...``): its prediction is the label whose word has the highest log-probability
+    after the prompt (``prompt``, or the corpus's prompt column)."""
     neuron_set = neurons if isinstance(neurons, NeuronSet) else load_neuron_set(neurons, site=site, group=group)
     if neuron_set.n == 0:
         warnings.warn("the neuron set is empty: the intervened model is the unmodified model", UserWarning, stacklevel=2)
@@ -844,7 +915,7 @@ def run(
     if mode == "set" and not (of or target):
         raise NeurostoreError("--mode set needs --of GROUP (the label or language whose statistic to write)")
     if not isinstance(corpus, Corpus):
-        corpus = read_corpus(list(corpus), fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col)
+        corpus = read_corpus(list(corpus), fmt=input_format, text_col=text_col, label_col=label_col, lang_col=lang_col, prompt=prompt)
     dev = model.device if isinstance(model, M.LoadedModel) else M.resolve_device(device)
     if isinstance(model, M.LoadedModel):
         loaded = model
@@ -856,8 +927,11 @@ def run(
         # an LM runs in its checkpoint's half dtype on CUDA, as extraction does (weights loaded in it)
         torch_dtype = M.resolve_dtype(dtype, dev, config if lm else None)
         loaded = load_lm(model, dev, torch_dtype) if lm else M.load(model, dev)
-    lm = is_causal_lm(loaded)
-    if loaded.classes is None and not lm:
+    speech = loaded.audio is not None and loaded.audio.family == "lalm"
+    lm = is_causal_lm(loaded) and not speech
+    if loaded.audio is not None and not speech:
+        raise NeurostoreError(f"--model {loaded.name}: a speech encoder has no prediction to measure; intervene on an audio-language model (Qwen2-Audio)")
+    if loaded.classes is None and not lm and not speech:
         raise NeurostoreError(
             f"--model {loaded.name}: neither a sequence classifier nor a causal LM "
             "(its config names no ...ForSequenceClassification, ...ForCausalLM or ...LMHeadModel)"
@@ -878,7 +952,9 @@ def run(
     source = neuron_source(neurons, neuron_set.site) if isinstance(neurons, (str, Path)) and _is_json_file(neurons) else None
     check_source(source, str(neurons), loaded, neuron_set.site, site_info.width)
     check_neuron_set(neuron_set, site_info.layers, site_info.width)
-    if lm:
+    if speech:
+        data = prepare_audio(loaded, corpus, label_words, max_length=max_length, max_batch_tokens=max_batch_tokens)
+    elif lm:
         data = prepare_lm(loaded, corpus, max_length=max_length, max_batch_tokens=max_batch_tokens)
         _check_target(target, data)
     else:

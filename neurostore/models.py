@@ -35,6 +35,13 @@ MLP_MODULES: dict[str, str] = {
     "mistral": "mlp.act_fn",
     "gemma": "mlp.act_fn",
     "gemma2": "mlp.act_fn",
+    # speech (neurostore.audio): encoder blocks, and the language model's blocks of an audio-language model
+    "wav2vec2": "feed_forward.intermediate_act_fn",
+    "hubert": "feed_forward.intermediate_act_fn",
+    "wavlm": "feed_forward.intermediate_act_fn",
+    "data2vec-audio": "feed_forward.intermediate_act_fn",
+    "whisper": "activation_fn",
+    "qwen2_audio": "mlp.act_fn",
 }
 SUPPORTED = sorted(MLP_MODULES)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -54,6 +61,7 @@ class LoadedModel:
     blocks: nn.ModuleList | None
     config: Any = field(repr=False, default=None)
     path: str | None = None  # the folder or hub name it was loaded from
+    audio: Any = None  # an audio model's feeding (neurostore.audio.AudioModel); None for text models
 
     def __post_init__(self) -> None:
         if self.path is None:
@@ -62,6 +70,8 @@ class LoadedModel:
     @property
     def pad_id(self) -> int:
         tok = self.tokenizer
+        if tok is None:  # a speech encoder: its rows are frames, padded by the feature extractor
+            return 0
         for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
             if candidate is not None:
                 return int(candidate)
@@ -69,6 +79,10 @@ class LoadedModel:
 
     def max_length(self) -> int:
         """The longest input the model accepts (position embeddings, tokenizer limit)."""
+        if self.audio is not None:
+            from . import audio
+
+            return audio.max_rows(self)
         limits = []
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         if tok_max and tok_max < 1_000_000:
@@ -190,7 +204,7 @@ def read_config(name: str | None) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve(name))
+        return AutoConfig.from_pretrained(resolve(name), trust_remote_code=False)  # never transformers' interactive prompt
     except NeurostoreError:  # no such folder, hub unreachable: say so now, not after a second probe
         raise
     except Exception:  # noqa: BLE001 - load() reports a bad model properly
@@ -227,7 +241,8 @@ def resolve_dtype(dtype: str | None, device: torch.device, config: Any = None) -
     return DTYPES[dtype]
 
 
-def load(name: str | None, device: torch.device, *, classifier: bool | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load(name: str | None, device: torch.device, *, classifier: bool | None = None, dtype: torch.dtype | None = None,
+         trust_remote_code: bool = False) -> LoadedModel:
     """Load the weights for inference (no gradients) with their tokenizer.
 
     On a CPU, and unless ``dtype`` is a half type on CUDA, weights stay float32 and mixed precision
@@ -251,9 +266,18 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
     except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
         pass
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        from . import audio
+
+        if audio.is_audio(config):  # speech encoders and audio-language models: their own loader
+            return audio.load(path, name, config, device, dtype, trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except NeurostoreError:
+        raise
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad path
+        from .audio import refuse_remote
+
+        refuse_remote(path, err, trust_remote_code)
         where = "folder" if local else "model name (no local folder of that name; hub names need a network)"
         raise NeurostoreError(f"cannot load model {path!r} as a {where}: {_first_line(err)}") from None
     if classifier is None:
@@ -261,7 +285,7 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
     try:
         loader = AutoModelForSequenceClassification if classifier else AutoModel
         weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
-        model = loader.from_pretrained(path, config=config, dtype=weights)
+        model = loader.from_pretrained(path, config=config, dtype=weights, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
         raise NeurostoreError(f"cannot load model {path!r}: {_first_line(err)}") from None
     model.eval().requires_grad_(False).to(device)
@@ -376,6 +400,10 @@ def _pick_layers(site: str, available: list[int], layers: list[int] | None) -> l
 
 
 def _measure_widths(loaded: LoadedModel, sites: dict[str, Site]) -> None:
+    if loaded.audio is not None:
+        from . import audio
+
+        return audio.measure_widths(loaded, sites)
     ids = torch.tensor([[loaded.pad_id if loaded.tokenizer.cls_token_id is None else loaded.tokenizer.cls_token_id]], device=loaded.device)
     mask = torch.ones_like(ids)
     hooked = {name: s.modules for name, s in sites.items() if s.modules}

@@ -11,6 +11,7 @@ read the same arrays with plain ``zarr``. Layout (one Zarr v3 group)::
     docs/token_start [n_docs] int64 first row of the sentence in tokens/* and acts/*
     docs/n_tokens    [n_docs] int32 real (unpadded, possibly truncated) tokens of the sentence
     docs/truncated   [n_docs] bool  cut at --max-length
+    docs/duration    [n_docs] float32 seconds of the utterance (audio corpora; docs/audio: its file)
     docs/logits      [n_docs, C] float32   sequence classifiers only
     docs/pred        [n_docs] int32        argmax of logits; attrs["categories"] = id2label
     tokens/token_id  [n_tokens] int32
@@ -417,6 +418,7 @@ def create(
     token_kind: np.ndarray | None = None,
     special_tokens: dict[int, str] | None = None,
     offsets: np.ndarray | None = None,
+    extra_docs: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Write everything known before the first forward pass, then mark the store created.
 
@@ -452,6 +454,14 @@ def create(
                               dimension_names=("doc",))
     if n_docs:
         text[:] = np.array(texts, dtype=object)
+    for name, values in (extra_docs or {}).items():  # audio corpora: docs/duration (seconds), docs/audio (file)
+        if isinstance(values, np.ndarray):
+            table(f"docs/{name}", values, values.dtype)
+        else:
+            arr = group.create_array(f"docs/{name}", shape=(n_docs,), chunks=(max(1, min(n_docs, 1 << 16)),), dtype=str,
+                                     compressors=table_codecs(crc), dimension_names=("doc",))
+            if n_docs:
+                arr[:] = np.array(values, dtype=object)
     table("tokens/token_id", token_ids.astype(np.int32), "int32")
     table("tokens/doc", np.repeat(np.arange(n_docs, dtype=np.int32), n_tokens), "int32")
     features = list(meta.get("features", []))

@@ -1,0 +1,289 @@
+"""Speech: decode audio files, and run speech encoders and audio-language models over them.
+
+Audio is decoded with ``soundfile`` and resampled with ``scipy.signal.resample_poly`` (torchaudio
+has no build for torch 2.13 and breaks transformers' imports when installed beside it). Every
+frame of a speech encoder (wav2vec2, HuBERT, WavLM, the Whisper encoder) is a token row of kind
+``audio``; an audio-language model (Qwen2-Audio) has text, special and audio token rows on its
+language model, the audio rows being the ``<|AUDIO|>`` positions its encoder's output fills.
+
+Row counts come from sample counts alone (``soundfile.info`` at corpus reading), so the batch plan
+is made before anything is decoded; each batch decodes its own utterances (timed as ``decode``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import NeurostoreError
+
+ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
+LALMS = ("qwen2_audio",)
+AUDIO_TYPES = ENCODERS + LALMS
+NO_TOKEN = -1  # tokens/token_id of a speech encoder's frames: no vocabulary behind them
+
+
+def _soundfile():
+    try:
+        import soundfile
+    except ImportError:
+        raise NeurostoreError("reading audio needs soundfile: pip install 'neurostore[speech]'") from None
+    return soundfile
+
+
+def _open(ref: str, storage_options: dict | None = None):
+    """A local path as is, an fsspec URL as an open binary file."""
+    if "://" in ref and not ref.startswith("file://"):
+        import fsspec
+
+        return fsspec.open(ref, "rb", **(storage_options or {})).open()
+    return ref.removeprefix("file://")
+
+
+def probe(ref: str, storage_options: dict | None = None) -> tuple[int, int]:
+    """(frames, sample rate) of an audio file, from its header. Raises what soundfile raises."""
+    sf = _soundfile()
+    if "://" not in ref and not os.path.exists(ref):
+        raise FileNotFoundError(ref)
+    info = sf.info(_open(ref, storage_options))
+    if info.frames <= 0:
+        raise ValueError("no samples")
+    return int(info.frames), int(info.samplerate)
+
+
+def check_row(corpus_file, value: Any, storage_options: dict | None = None) -> tuple[str | None, str, int, int]:
+    """(problem or None, the file's absolute path or URL, frames, sample rate) of one corpus row's audio."""
+    if not isinstance(value, str) or not value.strip():
+        return "no audio file named (empty or not a string)", "", 0, 0
+    ref = value.strip()
+    if "://" not in ref and not os.path.isabs(ref):
+        ref = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(corpus_file)), ref))
+    try:
+        frames, rate = probe(ref, storage_options)
+    except FileNotFoundError:
+        return f"audio file {value!r}: no such file ({ref})", ref, 0, 0
+    except NeurostoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - libsndfile's errors, fsspec's, an empty file
+        why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        return f"audio file {value!r}: cannot decode it ({why}); wav, flac, ogg and mp3 are read", ref, 0, 0
+    return None, ref, frames, rate
+
+
+def resampled_length(frames: int, rate: int, target: int) -> int:
+    """Samples after ``resample_poly(x, up, down)``: ceil(frames * up / down)."""
+    g = math.gcd(rate, target)
+    up, down = target // g, rate // g
+    return -(-frames * up // down)
+
+
+def load_waveform(ref: str, target: int, storage_options: dict | None = None) -> np.ndarray:
+    """The file's samples as float32 mono at ``target`` Hz (channels averaged)."""
+    from scipy.signal import resample_poly
+
+    data, rate = _soundfile().read(_open(ref, storage_options), dtype="float32", always_2d=True)
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if rate != target:
+        g = math.gcd(rate, target)
+        mono = resample_poly(mono, target // g, rate // g).astype(np.float32)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+@dataclass
+class AudioModel:
+    """What extraction needs to feed an audio model: its feature extractor and the row arithmetic."""
+
+    family: str  # "encoder", "whisper" or "lalm"
+    extractor: Any
+    rate: int
+    processor: Any = None
+    audio_token_id: int | None = None
+    batchable: bool = True  # False: group-norm wav2vec2 without attention mask, one utterance a batch
+    refs: list[str] = field(default_factory=list)  # bound by rows(): the utterances of the corpus part
+    storage_options: dict | None = None
+    seconds: float = 0.0  # decode + resample + feature extraction, for the benchmark
+
+
+def is_audio(config: Any) -> bool:
+    return getattr(config, "model_type", None) in AUDIO_TYPES
+
+
+def refuse_remote(path: str, err: Exception, trust_remote_code: bool) -> None:
+    """One line for a checkpoint whose architecture needs code from its repository."""
+    if "trust_remote_code" in str(err) and not trust_remote_code:
+        raise NeurostoreError(
+            f"cannot load model {path!r}: its architecture needs code from the model's repository; "
+            "review that code, then pass --trust-remote-code"
+        ) from None
+
+
+def load(path: str, name: str | None, config: Any, device: torch.device, dtype: torch.dtype | None, trust_remote_code: bool = False):
+    """Load an audio model (:data:`AUDIO_TYPES`) and its feature extractor as a ``LoadedModel``."""
+    import transformers as T
+
+    from .models import LoadedModel, _first_line
+
+    family = "lalm" if config.model_type in LALMS else "whisper" if config.model_type == "whisper" else "encoder"
+    weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
+    try:
+        if family == "lalm":
+            processor = T.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            extractor, tokenizer = processor.feature_extractor, processor.tokenizer
+            model = T.Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=weights)
+        else:
+            processor, tokenizer = None, None
+            extractor = T.AutoFeatureExtractor.from_pretrained(path)
+            model = T.AutoModel.from_pretrained(path, dtype=weights)
+            if family == "whisper":
+                model = model.get_encoder()
+    except NeurostoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad folder
+        refuse_remote(path, err, trust_remote_code)
+        raise NeurostoreError(f"cannot load audio model {path!r}: {_first_line(err)}") from None
+    model.eval().requires_grad_(False).to(device)
+    spec = AudioModel(family, extractor, int(extractor.sampling_rate), processor)
+    if family == "lalm":
+        spec.audio_token_id = int(processor.audio_token_id)
+        text = config.text_config
+        n_layers, hidden, blocks = text.num_hidden_layers, text.hidden_size, model.model.language_model.layers
+    elif family == "whisper":
+        n_layers, hidden, blocks = config.encoder_layers, config.d_model, model.layers
+    else:
+        n_layers, hidden, blocks = config.num_hidden_layers, config.hidden_size, model.encoder.layers
+        spec.batchable = bool(getattr(extractor, "return_attention_mask", False))
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name or path, model_type=config.model_type, n_layers=int(n_layers),
+                         hidden_size=int(hidden), device=device, classes=None, blocks=blocks, config=config, path=path)
+    loaded.audio = spec
+    return loaded
+
+
+def max_rows(loaded) -> int:
+    """The longest row count the model takes: the LM's positions, a Whisper window, else unbounded."""
+    spec = loaded.audio
+    if spec.family == "lalm":
+        return int(loaded.config.text_config.max_position_embeddings)
+    if spec.family == "whisper":
+        return int(loaded.config.max_source_positions)
+    return 1 << 30
+
+
+def _mel_frames(spec: AudioModel, samples: int) -> int:
+    """Real mel frames of a Whisper-style extractor (its attention mask), the input cut at its window."""
+    return -(-min(samples, int(spec.extractor.n_samples)) // int(spec.extractor.hop_length))
+
+
+def audio_rows(loaded, samples: int) -> int:
+    """Frames (encoders) or ``<|AUDIO|>`` tokens (LALM) of an utterance of ``samples`` samples."""
+    spec = loaded.audio
+    if spec.family == "encoder":
+        return int(loaded.model._get_feat_extract_output_lengths(torch.tensor(samples)))
+    frames = (_mel_frames(spec, samples) - 1) // 2 + 1
+    return frames if spec.family == "whisper" else (frames - 2) // 2 + 1
+
+
+def prompt_text(loaded, prompt: str | None) -> str:
+    """The LM's text for one utterance: the audio placeholder, then the prompt."""
+    proc = loaded.audio.processor
+    tag = f"{getattr(proc, 'audio_bos_token', '')}{proc.audio_token}{getattr(proc, 'audio_eos_token', '')}"
+    prompt = prompt or ""
+    return prompt if proc.audio_token in prompt else tag + prompt
+
+
+def rows(loaded, corpus, max_length: int, storage_options: dict | None = None):
+    """Per utterance: the token row ids, whether cut, and the rows' kinds (``batching.TokenDetails``).
+
+    Binds the corpus part's audio files to the model for :func:`features`.
+    """
+    from . import batching
+
+    spec = loaded.audio
+    spec.refs, spec.storage_options, spec.seconds = list(corpus.audio), storage_options, 0.0
+    samples = [resampled_length(n, r, spec.rate) for n, r in zip(corpus.audio_frames, corpus.audio_rates)]
+    counts = [audio_rows(loaded, n) for n in samples]
+    if spec.family != "lalm":
+        cut = np.array([n > spec.extractor.n_samples for n in samples] if spec.family == "whisper" else [False] * len(samples), dtype=bool)
+        ids = [[NO_TOKEN] * c for c in counts]
+        total = sum(counts)
+        details = batching.TokenDetails(np.full(total, 2, np.int8), np.full((total, 2), -1, np.int32), {})
+        return ids, cut, details
+    proc = spec.processor
+    texts = [prompt_text(loaded, p).replace(proc.audio_token, proc.audio_token * c, 1) for p, c in zip(corpus.prompts, counts)]
+    ids, cut, details = batching.tokenize_details(loaded.tokenizer, texts, max_length)
+    if cut.any():
+        row = int(np.flatnonzero(cut)[0])
+        raise NeurostoreError(
+            f"utterance {row} ({corpus.audio[row]}): {len(ids[row])}+ tokens with its audio, over --max-length {max_length}; "
+            "raise --max-length or shorten the audio"
+        )
+    flat = np.fromiter((t for r in ids for t in r), dtype=np.int64, count=int(sum(map(len, ids))))
+    details.kind[flat == spec.audio_token_id] = 2
+    details.offsets[:] = -1  # spans of the prompt, not of docs/text
+    details.special.pop(spec.audio_token_id, None)
+    return ids, cut, details
+
+
+def features(loaded, docs, device: torch.device) -> dict[str, torch.Tensor]:
+    """Decode, resample and featurise the batch's utterances: the model's audio inputs on ``device``."""
+    spec = loaded.audio
+    t = time.perf_counter()
+    waves = [load_waveform(spec.refs[i], spec.rate, spec.storage_options) for i in np.asarray(docs).tolist()]
+    if spec.family == "encoder":
+        enc = spec.extractor(waves, sampling_rate=spec.rate, padding=True, return_attention_mask=spec.batchable, return_tensors="pt")
+        out = {"input_values": enc["input_values"]}
+        if spec.batchable:
+            out["attention_mask"] = enc["attention_mask"]
+    elif spec.family == "whisper":
+        out = {"input_features": spec.extractor(waves, sampling_rate=spec.rate, return_tensors="pt")["input_features"]}
+    else:
+        enc = spec.extractor(waves, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
+        out = {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+    spec.seconds += time.perf_counter() - t
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def forward(loaded, inputs: dict[str, torch.Tensor], want_hidden: bool):
+    """One forward pass over a batch; hidden states cut to the batch's longest row count."""
+    spec, audio = loaded.audio, inputs["audio"]
+    if spec.family == "lalm":
+        return loaded.model(input_ids=inputs["ids"], attention_mask=inputs["mask"], output_hidden_states=want_hidden, **audio)
+    return loaded.model(**audio, output_hidden_states=want_hidden)
+
+
+def measure_widths(loaded, sites: dict) -> None:
+    """Each site's width from a dry run on 0.1 s of silence."""
+    from .models import capture
+
+    spec = loaded.audio
+    hooked = {name: s.modules for name, s in sites.items() if s.modules}
+    wave = [np.zeros(spec.rate // 10, np.float32)]
+    if spec.family == "encoder":
+        audio = {"input_values": spec.extractor(wave, sampling_rate=spec.rate, return_tensors="pt")["input_values"]}
+        ids = None
+    elif spec.family == "whisper":
+        audio = {"input_features": spec.extractor(wave, sampling_rate=spec.rate, return_tensors="pt")["input_features"]}
+        ids = None
+    else:
+        enc = spec.extractor(wave, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
+        audio = {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+        text = prompt_text(loaded, "").replace(spec.processor.audio_token, spec.processor.audio_token * audio_rows(loaded, len(wave[0])))
+        ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
+    inputs = {"audio": {k: v.to(loaded.device) for k, v in audio.items()}}
+    if ids is not None:
+        inputs.update(ids=ids.to(loaded.device), mask=torch.ones_like(ids).to(loaded.device))
+    with capture(hooked) as captured, torch.inference_mode():
+        out = forward(loaded, inputs, True)
+    for name, site in sites.items():
+        site.width = int(out.hidden_states[0].shape[-1] if name == "resid" else captured[name][0].shape[-1])
+
+
+def layers_of(loaded, out, sites: dict, captured: dict, rows: int) -> dict[str, list[torch.Tensor]]:
+    """Each site's layers ``[B, rows, width]``: Whisper's window is longer than its real frames."""
+    got = {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
+    return {name: [h[:, :rows] for h in hs] for name, hs in got.items()}

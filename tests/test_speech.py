@@ -1,0 +1,229 @@
+"""Speech: audio corpora, speech encoders and Qwen2-Audio against the models' own outputs, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sf = pytest.importorskip("soundfile")
+
+import neurostore  # noqa: E402
+from cli.main import app  # noqa: E402
+from neurostore.corpus import read_corpus  # noqa: E402
+from neurostore.errors import NeurostoreError  # noqa: E402
+from neurostore.extract import ExtractOptions, extract  # noqa: E402
+from tiny_audio import SPEECH, make_encoder, make_qwen2_audio  # noqa: E402
+
+runner = CliRunner()
+FAMILIES = ("wav2vec2", "hubert", "wavlm", "whisper", "qwen2_audio")
+
+
+@pytest.fixture(scope="module")
+def audio_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_audio")
+    out = {fam: make_encoder(fam, root / fam) for fam in FAMILIES if fam != "qwen2_audio"}
+    out["qwen2_audio"] = make_qwen2_audio(root / "qwen2_audio")
+    return out
+
+
+def subset(path: Path, every: int = 4, prompt: bool = False) -> Path:
+    """Every ``every``-th clip of data/speech.jsonl (all labels and languages), paths made absolute."""
+    rows = [json.loads(line) for line in SPEECH.read_text(encoding="utf-8").splitlines()]
+    keep = [dict(r, audio=str(SPEECH.parent / r["audio"])) for i, r in enumerate(rows) if (i // 12) % every == 0 or i % every == 0]
+    if prompt:
+        for r in keep[::2]:
+            r["prompt"] = "How does the speaker feel?"
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+    return path
+
+
+def sine(rate: int, seconds: float, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_corpus_paths_durations_and_resampling(tmp_path):
+    (tmp_path / "clips").mkdir()
+    shutil.copy(SPEECH.parent / "speech" / "en_0_joy.flac", tmp_path / "clips" / "a.flac")
+    stereo = np.stack([sine(22050, 1.0), sine(22050, 1.0)], axis=1)
+    sf.write(tmp_path / "clips" / "b.wav", stereo, 22050)
+    sf.write(tmp_path / "c.ogg", sine(8000, 0.5), 8000, format="OGG")
+    rows = [{"audio": "clips/a.flac", "label": "joy"}, {"audio": "clips/b.wav", "label": "neutral", "prompt": "Which emotion?"},
+            {"audio": str(tmp_path / "c.ogg"), "label": "joy"}]
+    corpus_file = tmp_path / "c.jsonl"
+    corpus_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = read_corpus([corpus_file], prompt="Default prompt.")
+    assert c.audio[0] == str(tmp_path / "clips" / "a.flac") and c.texts[1] == "clips/b.wav"
+    assert c.prompts == ["Default prompt.", "Which emotion?", "Default prompt."]
+    assert np.allclose(c.durations, [sf.info(tmp_path / "clips" / "a.flac").duration, 1.0, 0.5], atol=1e-3)
+    from neurostore import audio
+
+    wave = audio.load_waveform(c.audio[1], 16000)  # stereo 22.05 kHz -> mono 16 kHz
+    assert len(wave) == audio.resampled_length(22050, 22050, 16000) == 16000
+    mid = slice(1000, 15000)  # away from the filter's edges: the sine sampled at 16 kHz
+    assert np.abs(wave[mid] - sine(16000, 1.0)[mid]).max() < 5e-3
+
+
+def test_bad_rows_named_or_skipped(tmp_path):
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all")
+    rows = [{"audio": "missing.flac", "label": "a"}, {"audio": str(SPEECH.parent / "speech" / "en_0_joy.flac"), "label": "b"},
+            {"audio": "junk.wav", "label": "a"}, {"audio": "", "label": "a"}]
+    corpus_file = tmp_path / "c.jsonl"
+    corpus_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(NeurostoreError, match=r"c\.jsonl:1: audio file 'missing.flac': no such file .*--skip-bad"):
+        read_corpus([corpus_file], skip_bad=False)
+    c = read_corpus([corpus_file], skip_bad=True)
+    assert len(c) == 1 and len(c.skipped) == 3
+    assert "c.jsonl:3: audio file 'junk.wav': cannot decode it" in c.skipped[1] and "c.jsonl:4: no audio file named" in c.skipped[2]
+
+
+def reference(loaded, wave: np.ndarray, prompt_ids: list[int] | None) -> dict:
+    """The model's own outputs for the processor's inputs of one utterance alone."""
+    import transformers.activations as A
+
+    spec, model, config = loaded.audio, loaded.model, loaded.config
+    fe = spec.extractor
+    captured = []
+    if spec.family == "lalm":
+        mods = [(b.mlp.gate_proj, A.ACT2FN[config.text_config.hidden_act]) for b in loaded.blocks]
+    elif spec.family == "whisper":
+        mods = [(b.fc1, A.ACT2FN[config.activation_function]) for b in loaded.blocks]
+    else:
+        mods = [(b.feed_forward.intermediate_dense, A.ACT2FN[config.hidden_act]) for b in loaded.blocks]
+    handles = [m.register_forward_hook(lambda _m, _i, o, act=act: captured.append(act(o))) for m, act in mods]
+    with torch.inference_mode():
+        if spec.family == "lalm":  # the processor builds the text with the audio tokens itself
+            text = "<|audio_bos|><|AUDIO|><|audio_eos|>" + (prompt_ids or "")
+            enc = spec.processor(text=[text], audio=[wave], sampling_rate=16000, return_tensors="pt")
+            out = model(**enc, output_hidden_states=True)
+            ids = enc["input_ids"][0].numpy()
+        elif spec.family == "whisper":
+            out = model(fe(wave, sampling_rate=16000, return_tensors="pt")["input_features"], output_hidden_states=True)
+            ids = None
+        else:
+            enc = fe(wave, sampling_rate=16000, return_tensors="pt")
+            out = model(enc["input_values"], output_hidden_states=True)
+            ids = None
+    for h in handles:
+        h.remove()
+    resid = torch.stack(out.hidden_states, dim=2)[0].numpy()  # [rows, layers, width]
+    mlp = torch.stack(captured, dim=2)[0].numpy()
+    return {"resid": resid, "mlp": mlp, "ids": ids}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stored_frames_match_model(family, audio_models, tmp_path):
+    corpus = subset(tmp_path / "c.jsonl", prompt=family == "qwen2_audio")
+    out = tmp_path / "s.zarr"
+    opts = ExtractOptions(sites=["resid", "mlp"], pool=["first", "mean"], store_dtype="float32", max_batch_tokens=400, device="cpu")
+    result = extract([str(corpus)], str(out), model=str(audio_models[family]), options=opts)
+    assert result.meta["complete"] and result.stages["decode"] > 0
+    s = neurostore.open(str(out))
+    from neurostore import audio
+    from neurostore.models import load
+
+    loaded = load(str(audio_models[family]), torch.device("cpu"))
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    resid, mlp = np.asarray(s.acts("resid")), np.asarray(s.acts("mlp"))
+    starts, lengths = s.doc_column("token_start"), s.doc_column("n_tokens")
+    kinds, ids = s.token_column("kind"), s.token_column("token_id")
+    assert np.allclose(s.doc_column("duration"), [sf.info(r["audio"]).duration for r in rows], atol=1e-4)
+    assert starts[0] == 0 and np.array_equal(starts[1:], np.cumsum(lengths)[:-1])  # utterance boundaries
+    for i, row in enumerate(rows):
+        wave = audio.load_waveform(row["audio"], 16000)
+        ref = reference(loaded, wave, row.get("prompt"))
+        span = slice(starts[i], starts[i] + lengths[i])
+        n = lengths[i]
+        if ref["ids"] is not None:  # the LM's rows are the processor's tokens, audio ones marked audio
+            assert np.array_equal(ids[span], ref["ids"])
+            assert np.array_equal(kinds[span] == 2, ref["ids"] == loaded.audio.audio_token_id)
+            assert set(kinds[span][ref["ids"] != loaded.audio.audio_token_id].tolist()) <= {0, 1} and (kinds[span] == 1).sum() >= 2
+        else:  # every frame a row of kind audio: as many as the model's real frames
+            assert (kinds[span] == 2).all() and (ids[span] == -1).all()
+            assert n <= ref["resid"].shape[0] and (family == "whisper" or n == ref["resid"].shape[0])
+        scale = np.abs(ref["resid"][:n]).max()
+        assert np.abs(resid[span] - ref["resid"][:n]).max() < 1e-4 * scale, f"resid of utterance {i}"
+        assert np.abs(mlp[span] - ref["mlp"][:n]).max() < 1e-4 * np.abs(ref["mlp"][:n]).max(), f"mlp of utterance {i}"
+        assert np.abs(np.asarray(s.pooled("resid", "mean")[i]) - ref["resid"][:n].mean(axis=0)).max() < 1e-4 * scale
+
+
+def test_cli_extract_select_by_label(audio_models, tmp_path):
+    corpus = subset(tmp_path / "c.jsonl", every=2)
+    out = tmp_path / "s.zarr"
+    res = runner.invoke(app, ["extract", str(corpus), "--model", str(audio_models["wav2vec2"]), "--out", str(out), "--sites", "resid,mlp",
+                              "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    res = runner.invoke(app, ["query", "select", str(out), "--by", "label", "--method", "contrast", "--top", "3", "--tokens", "--token-kind", "audio",
+                              "--site", "mlp", "--format", "json"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    sel = json.loads(res.stdout)
+    assert set(sel["selected"]) == {"anger", "joy", "neutral", "sadness"}
+    res = runner.invoke(app, ["query", "variance", str(out), "--pool", "mean", "--format", "json"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+
+
+def test_cli_one_line_errors(audio_models, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"audio": "nope.wav", "label": "joy"}) + "\n")
+    for args, expect in (
+        (["extract", str(bad), "--model", str(audio_models["wav2vec2"])], "bad.jsonl:1: audio file 'nope.wav': no such file"),
+        (["extract", str(subset(tmp_path / "c.jsonl", every=4)), "--model", str(audio_models["wav2vec2"]).replace("wav2vec2", "missing")],
+         "no such folder"),
+    ):
+        res = runner.invoke(app, [*args, "--out", str(tmp_path / "x.zarr"), "--device", "cpu", "--quiet"])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and expect in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_intervene_label_words(audio_models, tmp_path):
+    """Qwen2-Audio as a classifier by label words: scores equal the label words' log-probabilities
+    computed from the model's own outputs; ablation, self/cross and controls as for classifiers."""
+    from neurostore import audio
+    from neurostore import intervene as iv
+    from neurostore.models import load
+
+    corpus = subset(tmp_path / "c.jsonl", every=4)
+    words = "anger=angry,joy=happy,neutral=calm,sadness=sad"
+    loaded = load(str(audio_models["qwen2_audio"]), torch.device("cpu"))
+    c = read_corpus([corpus], prompt="The speaker sounds")
+    data = iv.prepare_audio(loaded, c, words, max_batch_tokens=256)
+    scores = iv.predict(loaded, data)
+    tok = loaded.tokenizer
+    for i in (0, 5):  # independent: the processor's own inputs, one forward per label word
+        wave = audio.load_waveform(c.audio[i], 16000)
+        for k, word in enumerate(["angry", "happy", "calm", "sad"]):
+            enc = loaded.audio.processor(text=["<|audio_bos|><|AUDIO|><|audio_eos|>The speaker sounds"], audio=[wave], sampling_rate=16000,
+                                         return_tensors="pt")
+            w = tok(" " + word, add_special_tokens=False)["input_ids"]
+            ids = torch.cat([enc["input_ids"], torch.tensor([w])], dim=1)
+            with torch.inference_mode():
+                logp = torch.log_softmax(loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=enc["input_features"],
+                                                      feature_attention_mask=enc["feature_attention_mask"]).logits[0].float(), -1)
+            n = enc["input_ids"].shape[1]
+            expect = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(w))
+            assert abs(scores[i, k] - expect) < 1e-4 * max(1.0, abs(expect))
+    res = runner.invoke(app, ["intervene", str(corpus), "--model", str(audio_models["qwen2_audio"]), "--neurons", "1:0,1:3,2:5", "--site", "mlp",
+                              "--label-words", words, "--prompt", "The speaker sounds", "--target", "joy", "--controls", "2", "--device", "cpu",
+                              "--format", "json"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    out = json.loads(res.stdout)
+    assert out["task"] == "label-words" and set(out["baseline"]["per_label"]) == {"anger", "joy", "neutral", "sadness"}
+    assert out["intervened"]["effect"]["by"] == "label" and len(out["controls"]) == 2
+    res = runner.invoke(app, ["intervene", str(corpus), "--model", str(audio_models["qwen2_audio"]), "--neurons", "1:0", "--site", "mlp",
+                              "--label-words", "joy=happy", "--device", "cpu"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "no word for label(s) anger" in res.stderr
+
+
+def test_remote_code_refused(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "kimi_audio", "auto_map": {"AutoConfig": "configuration_kimi.KimiConfig"}}))
+    res = runner.invoke(app, ["extract", str(SPEECH), "--model", str(folder), "--out", str(tmp_path / "x.zarr"), "--device", "cpu", "--quiet"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "--trust-remote-code" in lines[0], res.stderr
