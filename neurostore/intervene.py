@@ -679,9 +679,6 @@ def token_losses(
     outs = []
     with hooks as state, torch.inference_mode(), M.autocast(loaded.device, dtype):
         for batch in data.batches:
-            if data.label_ids is not None:  # an audio-language model: label-word log-probabilities
-                outs.append(_label_logprobs(loaded, data, batch, state))
-                continue
             ids, mask = batching.pad([data.ids[i] for i in batch], loaded.pad_id, loaded.device, pin=loaded.device.type == "cuda")
             if state is not None:
                 state.set_mask(mask)
