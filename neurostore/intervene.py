@@ -299,11 +299,7 @@ def prepare(
         raise NeurostoreError(
             f"gold label {unknown[0]!r} is not a label of the model (model labels: {', '.join(loaded.classes)})"
         )
-    limit = max_length or loaded.max_length()
-    if limit > loaded.max_length():
-        raise NeurostoreError(f"--max-length {limit}: the model accepts at most {loaded.max_length()} tokens")
-    ids, truncated = batching.tokenize(loaded.tokenizer, corpus.texts, limit)
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    ids, truncated, lengths = _tokenised(loaded, corpus, max_length)
     return EvalSet(
         ids=ids,
         batches=batching.plan_batches(lengths, max_batch_tokens or batching.default_batch_tokens(loaded.device)),
@@ -312,6 +308,15 @@ def prepare(
         classes=list(loaded.classes),
         n_truncated=int(truncated.sum()),
     )
+
+
+def _tokenised(loaded: M.LoadedModel, corpus: Any, max_length: int | None) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """The corpus tokenised as extraction does (ids, truncated flags, lengths), ``--max-length`` checked."""
+    limit = max_length or loaded.max_length()
+    if limit > loaded.max_length():
+        raise NeurostoreError(f"--max-length {limit}: the model accepts at most {loaded.max_length()} tokens")
+    ids, truncated = batching.tokenize(loaded.tokenizer, corpus.texts, limit)
+    return ids, truncated, np.array([len(x) for x in ids], dtype=np.int64)
 
 
 def predict(
@@ -649,11 +654,7 @@ def prepare_lm(
     loaded: M.LoadedModel, corpus: Corpus, *, max_length: int | None = None, max_batch_tokens: int | None = None
 ) -> LMEvalSet:
     """Tokenise and plan batches as extraction does; languages and labels are optional groups."""
-    limit = max_length or loaded.max_length()
-    if limit > loaded.max_length():
-        raise NeurostoreError(f"--max-length {limit}: the model accepts at most {loaded.max_length()} tokens")
-    ids, truncated = batching.tokenize(loaded.tokenizer, corpus.texts, limit)
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    ids, truncated, lengths = _tokenised(loaded, corpus, max_length)
     return LMEvalSet(
         ids=ids,
         batches=batching.plan_batches(lengths, max_batch_tokens or lm_batch_tokens(loaded)),

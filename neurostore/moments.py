@@ -446,20 +446,25 @@ def _run(finals: list, scheduler: Any, workers: int | None) -> list:
         finally:
             _local_passes -= 1
     if isinstance(scheduler, str):
-        try:
-            from distributed import Client
-        except ImportError:
-            raise NeurostoreError("--scheduler needs the 'distributed' package (pip install 'neurostore[distributed]')") from None
-        _probe(scheduler)
-        try:
-            client = Client(scheduler, timeout="10s", set_as_default=False)
-        except (OSError, TimeoutError) as err:
-            raise NeurostoreError(f"--scheduler {scheduler}: cannot connect ({err})") from None
+        client = connect(scheduler)
         try:
             return list(client.compute(finals, sync=True))
         finally:
             client.close()
     return list(scheduler.compute(finals, sync=True))
+
+
+def connect(address: str) -> Any:
+    """A ``distributed.Client`` of the scheduler at ``address``; one line where there is none."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise NeurostoreError("--scheduler needs the 'distributed' package (pip install 'neurostore[distributed]')") from None
+    _probe(address)
+    try:
+        return Client(address, timeout="10s", set_as_default=False)
+    except (OSError, TimeoutError) as err:
+        raise NeurostoreError(f"--scheduler {address}: cannot connect ({err})") from None
 
 
 def _probe(address: str) -> None:

@@ -191,13 +191,9 @@ def _run_distributed(corpus_paths: list[str], paths: list[str], n: int, model: A
         cluster = SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}, silence_logs=40)
         client = Client(cluster, set_as_default=False)
     else:
-        from .moments import _probe
+        from .moments import connect
 
-        _probe(scheduler)
-        try:
-            client = Client(scheduler, timeout="10s", set_as_default=False)
-        except (OSError, TimeoutError) as err:
-            raise NeurostoreError(f"--scheduler {scheduler}: cannot connect ({err})") from None
+        client = connect(scheduler)
     try:
         futures = [
             client.submit(_run_part, corpus_paths, path, i, n, model, options, corpus_options, run, names, faults.get(i),
