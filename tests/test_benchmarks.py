@@ -120,3 +120,14 @@ def test_stats_only_quick(tmp_path):
     assert big["sketch"]["bytes_per_neuron_cell"] > big["no_sketch"]["bytes_per_neuron_cell"]
     assert big["sketch"]["raw_bytes"] == big["neurons"] * big["sketch"]["bytes_per_neuron_cell"] * (big["token_cells"] + 2 * big["doc_cells_per_pooling"])
     assert "| row |" in data["table_markdown"] and "x bare" in data["table_markdown"]
+
+
+def test_audio_quick(tmp_path):
+    pytest.importorskip("soundfile")
+    from benchmarks import audio
+
+    assert audio.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    data = _one_result(tmp_path / "results", "audio-quick")
+    s = data["summary"]
+    assert s["clips"] > 0 and s["seconds_of_speech"] > 10 and s["frames"] > 0
+    assert s["bare_s"] > 0 and s["extract_s"] > 0 and s["x_bare"] > 0 and s["disk_mb"] > 0
