@@ -606,32 +606,6 @@ def is_causal_lm(loaded: M.LoadedModel) -> bool:
     return head is not None and head() is not None
 
 
-def load_lm(name: str, device: torch.device, dtype: torch.dtype | None = None) -> M.LoadedModel:
-    """Load a causal LM *with* its head for inference (``neurostore.models.load`` loads decoders
-    bare, as extraction needs them); weights as ``models.load`` keeps them (float32 unless a half
-    dtype on CUDA)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = M.resolve(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=weights)
-    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad path
-        raise NeurostoreError(f"cannot load model {path!r} as a causal LM: {M._first_line(err)}") from None
-    model.eval().requires_grad_(False).to(device)
-    n_layers = M._n_layers(config)
-    return M.LoadedModel(
-        model=model, tokenizer=tokenizer, name=name, model_type=config.model_type, n_layers=n_layers,
-        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0),
-        device=device, classes=None, blocks=M._find_blocks(model, n_layers), config=config, path=path,
-    )
-
-
 @dataclass
 class LMEvalSet:
     """A corpus tokenised and cut into batches once for next-token scoring, with its groups."""
@@ -924,7 +898,7 @@ def run(
         lm = not classifier and is_causal_lm_config(config)
         # an LM runs in its checkpoint's half dtype on CUDA, as extraction does (weights loaded in it)
         torch_dtype = M.resolve_dtype(dtype, dev, config if lm else None)
-        loaded = load_lm(model, dev, torch_dtype) if lm else M.load(model, dev)
+        loaded = M.load_causal_lm(model, dev, torch_dtype) if lm else M.load(model, dev)
     speech = loaded.audio is not None and loaded.audio.family == "lalm"
     lm = is_causal_lm(loaded) and not speech
     if loaded.audio is not None and not speech:

@@ -310,6 +310,37 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
     )
 
 
+def load_causal_lm(name: str | None, device: torch.device, dtype: torch.dtype | None = None, *, config: Any = None,
+                   head_required: str | None = None) -> LoadedModel:
+    """A causal LM *with* its language-model head, for inference (:func:`load` loads decoders bare,
+    as extraction needs them); weights as :func:`load` keeps them (float32 unless a half dtype on
+    CUDA). ``head_required``: the option to name when an untied checkpoint has no head weights (the
+    head would be random), refused in one line; None loads it as it is."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = resolve(name)
+    weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
+    try:
+        config = config if config is not None else AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=weights, output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad path
+        raise NeurostoreError(f"cannot load model {path!r} as a causal LM: {_first_line(err)}") from None
+    untied = not getattr(model.config, "tie_word_embeddings", False)
+    if head_required and untied and any("lm_head" in k for k in info.get("missing_keys", ())):
+        raise NeurostoreError(f"{head_required}: model {path!r} has no language-model head in its weights; give a causal LM checkpoint")
+    model.eval().requires_grad_(False).to(device)
+    n_layers = _n_layers(config)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name or DEFAULT_NAME, model_type=config.model_type, n_layers=n_layers,
+        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0), device=device, classes=None,
+        blocks=_find_blocks(model, n_layers), config=config, path=path,
+    )
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -121,28 +121,7 @@ def load(name: str | None, device: torch.device, dtype: torch.dtype) -> models.L
     config = models.read_config(name)
     if config is None or not is_causal_lm(config):
         return models.load(name, device, dtype=dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = models.resolve(name)
-    weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=weights, output_loading_info=True)
-    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad path
-        raise NeurostoreError(f"cannot load model {path!r} as a causal LM: {models._first_line(err)}") from None
-    untied = not getattr(model.config, "tie_word_embeddings", False)
-    if untied and any("lm_head" in k for k in info.get("missing_keys", ())):
-        raise NeurostoreError(f"--quantity relevance: model {path!r} has no language-model head in its weights; give a causal LM checkpoint")
-    model.eval().requires_grad_(False).to(device)
-    n_layers = models._n_layers(config)
-    return models.LoadedModel(
-        model=model, tokenizer=tokenizer, name=name or models.DEFAULT_NAME, model_type=config.model_type, n_layers=n_layers,
-        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)), device=device, classes=None,
-        blocks=models._find_blocks(model, n_layers), config=config, path=path,
-    )
+    return models.load_causal_lm(name, device, dtype, config=config, head_required="--quantity relevance")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 import tiny
 from neurostore import intervene as iv
+from neurostore import models as M
 from neurostore.corpus import read_corpus
 from neurostore.errors import NeurostoreError
 
@@ -106,7 +107,7 @@ CASES = [
 @pytest.mark.parametrize("family,site,layer,mode,edit", CASES, ids=[f"{c[0]}-{c[1]}{c[2]}-{c[3]}" for c in CASES])
 def test_group_losses_match_transformers_loss_with_a_manual_hook(lms, corpus_file, family, site, layer, mode, edit):
     neurons = [0, 3, 7, 11]
-    loaded = iv.load_lm(str(lms[family]), CPU)
+    loaded = M.load_causal_lm(str(lms[family]), CPU)
     data = iv.prepare_lm(loaded, read_corpus([corpus_file]), max_batch_tokens=96)
     assert len(data.batches) > 1 and any(len(b) > 1 for b in data.batches)  # padded batches
     width = 32 if site == "resid" else None
@@ -150,7 +151,7 @@ def test_effect_and_selectivity_by_hand():
 
 
 def test_controls_and_empty_set(lms, corpus_file):
-    loaded = iv.load_lm(str(lms["gpt2"]), CPU)
+    loaded = M.load_causal_lm(str(lms["gpt2"]), CPU)
     data = iv.prepare_lm(loaded, read_corpus([corpus_file]))
     neurons = iv.NeuronSet("mlp", {0: [1, 2, 3], 1: [5]})
     out = iv.evaluate_lm(loaded, data, iv.Intervention(neurons, "ablate"), controls=3, seed=4, width=128, target="en")
