@@ -31,7 +31,7 @@ def extract_command(
         help="Hugging Face model: a local folder or a hub name (the packaged model's name, sentence-transformers/all-MiniLM-L6-v2, loads it offline). \\[default: the packaged all-MiniLM-L6-v2, no network needed]",
         show_default=False,
     ),
-    sites: Optional[str] = typer.Option(None, "--sites", help="Sites to store, comma-separated: resid (hidden_states\\[i]) and/or mlp (MLP neurons). \\[default: resid]", show_default=False),
+    sites: Optional[str] = typer.Option(None, "--sites", help="Sites to store, comma-separated: resid (hidden_states\\[i]) and/or mlp (MLP neurons); for an audio-language model also audio.resid / audio.mlp (its audio encoder, on the audio rows). \\[default: resid]", show_default=False),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to store: all, or numbers like 0,5,11 or 3-7. \\[default: all layers]", show_default=False),
     pool: Optional[str] = typer.Option(None, "--pool", help="Pooled sentence vectors to store: first, mean, last (comma-separated), or none. \\[default: first,mean]", show_default=False),
     no_tokens: bool = typer.Option(False, "--no-tokens", help="Store pooled vectors only, not every token."),

@@ -48,7 +48,8 @@ def info_command(
             ("on disk", format_bytes(info["disk_bytes"])),
         ]
         print_table("store", ["", ""], rows, header=False)
-        print_table("sites", ["site", "layers", "n_layers", "width"], [(s, v["layers"], v["n_layers"], v["width"]) for s, v in info["sites"].items()])
+        print_table("sites", ["site", "layers", "n_layers", "width", "token rows"],
+                    [(s, v["layers"], v["n_layers"], v["width"], v["rows"]) for s, v in info["sites"].items()])
         for column, counts in info["counts"].items():
             if counts:
                 print_table(f"sentences per {column}", [column, "sentences"], sorted(counts.items()))

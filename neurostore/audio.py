@@ -12,6 +12,7 @@ is made before anything is decoded; each batch decodes its own utterances (timed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -108,6 +109,7 @@ class AudioModel:
     refs: list[str] = field(default_factory=list)  # bound by rows(): the utterances of the corpus part
     storage_options: dict | None = None
     seconds: float = 0.0  # decode + resample + feature extraction, for the benchmark
+    tower: Any = None  # an audio-language model's audio encoder (its blocks: ``tower.layers``), for the ``audio.*`` sites
 
 
 def is_audio(config: Any) -> bool:
@@ -151,6 +153,7 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
     spec = AudioModel(family, extractor, int(extractor.sampling_rate), processor)
     if family == "lalm":
         spec.audio_token_id = int(processor.audio_token_id)
+        spec.tower = model.model.audio_tower
         text = config.text_config
         n_layers, hidden, blocks = text.num_hidden_layers, text.hidden_size, model.model.language_model.layers
     elif family == "whisper":
@@ -277,13 +280,134 @@ def measure_widths(loaded, sites: dict) -> None:
     inputs = {"audio": {k: v.to(loaded.device) for k, v in audio.items()}}
     if ids is not None:
         inputs.update(ids=ids.to(loaded.device), mask=torch.ones_like(ids).to(loaded.device))
-    with capture(hooked) as captured, torch.inference_mode():
+    with capture(hooked) as captured, encoder_capture(loaded, sites) as encoded, torch.inference_mode():
         out = forward(loaded, inputs, True)
     for name, site in sites.items():
-        site.width = int(out.hidden_states[0].shape[-1] if name == "resid" else captured[name][0].shape[-1])
+        got = encoded.get(name) or captured.get(name)
+        site.width = int(out.hidden_states[0].shape[-1] if name == "resid" else got[0].shape[-1])
 
 
-def layers_of(loaded, out, sites: dict, captured: dict, rows: int) -> dict[str, list[torch.Tensor]]:
-    """Each site's layers ``[B, rows, width]``: Whisper's window is longer than its real frames."""
-    got = {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
+def layers_of(loaded, out, sites: dict, captured: dict, encoded: dict, inputs: dict) -> dict[str, list[torch.Tensor]]:
+    """Each site's layers ``[B, rows, width]``: Whisper's window is longer than its real frames; the
+    audio encoder's layers (``audio.*``) are brought to the language model's rows (:func:`_to_lm_rows`)."""
+    rows = int(inputs["mask"].shape[1])
+    got = {}
+    for name, site in sites.items():
+        if name in encoded:
+            got[name] = [_to_lm_rows(loaded, h, pooled, inputs) for h, pooled in zip(encoded[name], _already_pooled(loaded, site))]
+        else:
+            got[name] = [out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])
     return {name: [h[:, :rows] for h in hs] for name, hs in got.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The audio encoder of an audio-language model as sites of its own: ``audio.resid`` and ``audio.mlp``
+#
+# Its frames run at twice the rate of the audio tokens the language model reads (Qwen2-Audio's
+# encoder averages pairs of frames, ``avg_pooler``, before its final norm and the projector). Each
+# stored layer is pooled by the encoder's own pooler and placed on the language model's audio rows,
+# so that row i of ``audio.resid`` and of ``resid`` is the same stretch of speech; text and special
+# rows hold zeros, and the store marks the site ``rows: audio`` so that queries read its audio rows only.
+
+ENCODER_SITES = ("audio.resid", "audio.mlp")
+
+
+def _tower(loaded, site: str):
+    spec = loaded.audio
+    if site not in ENCODER_SITES:
+        raise NeurostoreError(f"unknown site {site!r}: use resid, mlp, audio.resid or audio.mlp")
+    if spec.family != "lalm":
+        raise NeurostoreError(
+            f"site {site}: {loaded.model_type} is a speech encoder, whose layers are the sites resid and mlp; "
+            "audio.* sites are the audio encoder of an audio-language model"
+        )
+    if spec.tower is None:
+        raise NeurostoreError(f"site {site}: the audio encoder of {loaded.model_type} is not read yet (audio.* sites: Qwen2-Audio)")
+    return spec.tower
+
+
+def encoder_site(loaded, site: str, layers: list[int] | None):
+    """The ``models.Site`` of an ``audio.*`` site: encoder layers 0..L (resid: 0 is the block input,
+    L the encoder's output as the projector reads it) or 0..L-1 (mlp), values on audio rows only."""
+    from .models import Site, _pick_layers
+
+    tower = _tower(loaded, site)
+    n = len(tower.layers)
+    if site == "audio.mlp":
+        acts = [block.activation_fn for block in tower.layers]
+        if len({id(m) for m in acts}) != n:
+            raise NeurostoreError(f"site audio.mlp: {loaded.model_type}'s encoder shares one activation module between blocks")
+    available = list(range(n + 1 if site == "audio.resid" else n))
+    return Site(site, _pick_layers(site, available, layers), 0, None, row_kind="audio")
+
+
+def _already_pooled(loaded, site) -> list[bool]:
+    """Per stored layer: whether the value is already at the audio-token rate (the encoder's output)."""
+    n = len(loaded.audio.tower.layers)
+    return [site.name == "audio.resid" and layer == n for layer in site.layers]
+
+
+@contextlib.contextmanager
+def encoder_capture(loaded, sites: dict):
+    """Hooks on the audio encoder for the ``audio.*`` sites among ``sites``; yields
+    ``{site: [tensor per stored layer]}`` filled by the next forward, removed on exit."""
+    wanted = {name: s for name, s in sites.items() if name in ENCODER_SITES}
+    captured: dict[str, list] = {name: [None] * len(s.layers) for name, s in wanted.items()}
+    handles = []
+
+    def keep(name: str, j: int, what: str):
+        def hook(_module, args, output=None):
+            value = args[0] if what == "input" else output
+            if what == "output" and hasattr(value, "last_hidden_state"):
+                value = value.last_hidden_state
+            captured[name][j] = value[0] if isinstance(value, tuple) else value
+
+        return hook
+
+    try:
+        for name, site in wanted.items():
+            tower = _tower(loaded, name)
+            n = len(tower.layers)
+            for j, layer in enumerate(site.layers):
+                if name == "audio.mlp":
+                    handles.append(tower.layers[layer].activation_fn.register_forward_hook(keep(name, j, "output")))
+                elif layer == 0:
+                    handles.append(tower.layers[0].register_forward_pre_hook(keep(name, j, "input")))
+                elif layer < n:
+                    handles.append(tower.layers[layer - 1].register_forward_hook(keep(name, j, "output")))
+                else:
+                    handles.append(tower.register_forward_hook(keep(name, j, "output")))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def audio_token_counts(loaded, inputs: dict) -> torch.Tensor:
+    """Audio tokens per utterance of the batch, as the model counts them from its feature mask."""
+    mel = inputs["audio"]["feature_attention_mask"].sum(-1)
+    return loaded.audio.tower._get_feat_extract_output_lengths(mel)[1]
+
+
+def row_masks(loaded, sites: dict, inputs: dict) -> dict[str, torch.Tensor]:
+    """``[B, rows]`` masks of the rows that hold values, for the sites stored on some rows only
+    (pooled vectors of an ``audio.*`` site average its audio rows, not the prompt's zeros)."""
+    if not any(s.row_kind for s in sites.values()):
+        return {}
+    audio_rows_ = inputs["ids"] == loaded.audio.audio_token_id
+    return {name: audio_rows_ for name, s in sites.items() if s.row_kind == "audio"}
+
+
+def _to_lm_rows(loaded, h: torch.Tensor, pooled: bool, inputs: dict) -> torch.Tensor:
+    """Encoder frames ``[B, T, W]`` as the language model's rows ``[B, S, W]``: pooled to the token
+    rate by the encoder's own pooler, each utterance's first n tokens (n as the model counts them)
+    placed on its ``<|AUDIO|>`` positions in order, the way the model fills them; zeros elsewhere."""
+    spec = loaded.audio
+    if not pooled:
+        h = spec.tower.avg_pooler(h.transpose(1, 2)).transpose(1, 2)
+    counts = audio_token_counts(loaded, inputs).to(h.device)
+    keep = torch.arange(h.shape[1], device=h.device)[None, :] < counts[:, None]
+    ids = inputs["ids"]
+    out = h.new_zeros((ids.shape[0], ids.shape[1], h.shape[-1]))
+    out[ids == spec.audio_token_id] = h[keep]
+    return out

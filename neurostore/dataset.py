@@ -42,6 +42,14 @@ def _decoded(arr: Any, store_dtype: str, dtype: str | None) -> Any:
     return arr
 
 
+def _on_rows(arr: Any, keep: np.ndarray) -> Any:
+    """``arr`` with the token rows outside ``keep`` set to nan (lazily)."""
+    import dask.array as da
+
+    mask = da.from_array(np.asarray(keep, dtype=bool), chunks=(arr.chunks[0],))
+    return da.where(mask[:, None, None], arr, np.array(np.nan, dtype=arr.dtype))
+
+
 def to_xarray(store: st.Store, dtype: str | None = "float32") -> "xr.Dataset":
     """The store as one Dataset: per-sentence and per-token coordinates, activations as dask-backed
     variables ``acts_<site>`` ``[token, <site>_layer, <site>_neuron]`` and ``pooled_<site>_<pool>``
@@ -81,8 +89,13 @@ def to_xarray(store: st.Store, dtype: str | None = "float32") -> "xr.Dataset":
             continue
         dims = (layer_dim, neuron_dim)
         attrs = {"site": site, "stored_dtype": store.store_dtype}
+        if spec.get("rows"):  # values on token rows of one kind only (audio.resid): the others are nan here, not zeros
+            attrs["rows"] = spec["rows"]
         if meta["tokens"]:
-            data[f"acts_{site}"] = (("token", *dims), _decoded(store.acts(site), store.store_dtype, dtype), attrs)
+            acts = _decoded(store.acts(site), store.store_dtype, dtype)
+            if spec.get("rows") and "token_kind" in coords:
+                acts = _on_rows(acts, coords["token_kind"][1] == spec["rows"])
+            data[f"acts_{site}"] = (("token", *dims), acts, attrs)
         for pool in meta["pool"]:
             data[f"pooled_{site}_{pool}"] = (("doc", *dims), _decoded(store.pooled(site, pool), store.store_dtype, dtype),
                                              dict(attrs, pool=pool))

@@ -172,7 +172,7 @@ def _resolve_options(opts: ExtractOptions, stored: dict | None) -> ExtractOption
     resolved.compression = st.parse_compression(opts.compression or st.DEFAULT_COMPRESSION)
     for site in resolved.sites:
         if site not in st.SITES:
-            raise NeurostoreError(f"--sites: unknown site {site!r} (use {', '.join(st.SITES)})")
+            raise NeurostoreError(f"--sites: unknown site {site!r} (use resid, mlp; audio.resid, audio.mlp for an audio-language model)")
     for pool in resolved.pool:
         if pool not in st.POOLS:
             raise NeurostoreError(f"--pool: unknown pooling {pool!r} (use {', '.join(st.POOLS)})")
@@ -412,7 +412,7 @@ def _extract(
     stats_settings = {"groups": opts.groups, "k": opts.k, "sketch": opts.sketch, "entry": None} if stats_only else None
     if stats_only:
         shape = {"stats": stats_settings, "tokens": opts.tokens, "pool": opts.pool, "store_dtype": opts.store_dtype,
-                 "sites": {name: {"layers": s.layers, "width": s.width} for name, s in sites.items()}}
+                 "sites": {name: s.meta() for name, s in sites.items()}}
         kinds = details.kind if details.kind is not None else np.zeros(int(n_tokens.sum()), np.int8)
         cells = live.stream_cells(shape, doc_lang, doc_label, kinds, n_tokens)
     estimate = space.estimate(
@@ -449,7 +449,7 @@ def _extract(
             },
             compute_dtype=opts.dtype,
             store_dtype=opts.store_dtype,
-            sites={name: {"layers": s.layers, "width": s.width} for name, s in sites.items()},
+            sites={name: s.meta() for name, s in sites.items()},
             pool=opts.pool,
             tokens=opts.tokens,
             options={k: v for k, v in asdict(opts).items() if k not in ("device", "writers", "checksums")},
@@ -735,9 +735,10 @@ def _forward(loaded: models.LoadedModel, sites: dict[str, models.Site], inputs: 
     if loaded.audio is not None:
         from . import audio
 
-        with models.autocast(device, compute):
+        with models.autocast(device, compute), audio.encoder_capture(loaded, sites) as encoded:
             out = audio.forward(loaded, inputs, want_hidden)
-        return out, audio.layers_of(loaded, out, sites, captured, int(inputs["mask"].shape[1]))
+        inputs["row_masks"] = audio.row_masks(loaded, sites, inputs)
+        return out, audio.layers_of(loaded, out, sites, captured, encoded, inputs)
     with models.autocast(device, compute):
         out = loaded.model(input_ids=inputs["ids"], attention_mask=inputs["mask"], output_hidden_states=want_hidden)
     return out, {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
@@ -748,6 +749,15 @@ def audio_inputs(loaded: models.LoadedModel, docs: np.ndarray, device: torch.dev
     from . import audio
 
     return audio.features(loaded, docs, device)
+
+
+def _pooling_of(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First row, last row and mean weights ``[B, 1, S]`` of the rows marked in ``rows`` ``[B, S]``."""
+    marked = rows.to(torch.int8)
+    first = marked.argmax(dim=1)
+    last = rows.shape[1] - 1 - marked.flip(1).argmax(dim=1)
+    weights = (rows.float() / rows.sum(dim=1, keepdim=True).clamp(min=1)).unsqueeze(1)
+    return first, last, weights
 
 
 @contextlib.contextmanager
@@ -811,6 +821,7 @@ def gather(
     if "mean" in pools:
         weights = (mask / lengths[:, None]).float().unsqueeze(1)  # [B, 1, S]: mean pooling as one matmul
     values: dict[str, torch.Tensor] = {}
+    some_rows = {name: _pooling_of(m) for name, m in (inputs.get("row_masks") or {}).items()}  # sites with values on some rows only
 
     def target(key: str, rows: int, n_layers: int, width: int) -> torch.Tensor:
         if dest is not None:
@@ -834,7 +845,14 @@ def gather(
         for pool in pools:
             out = target(f"doc:{name}/{pool}", n_docs, n_layers, width)
             for j, h in enumerate(layers):
-                if pool == "first":
+                if name in some_rows:
+                    first, last, site_weights = some_rows[name]
+                    pick = {"first": first, "last": last}.get(pool)
+                    if pick is None:
+                        out[j] = torch.bmm(site_weights, h.float()).squeeze(1)
+                    else:
+                        out[j] = h[torch.arange(n_docs, device=h.device), pick]
+                elif pool == "first":
                     out[j] = h[:, 0]
                 elif pool == "last":
                     out[j] = h[torch.arange(n_docs, device=h.device), lengths - 1]

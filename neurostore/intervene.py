@@ -920,6 +920,11 @@ def run(
             UserWarning,
             stacklevel=2,
         )
+    if neuron_set.site.startswith("audio."):
+        raise NeurostoreError(
+            f"--site {neuron_set.site}: interventions act on the language model's sites (resid, mlp); a stored audio-encoder "
+            "neuron is the mean of two encoder frames, no single activation to set"
+        )
     site_info = M.resolve_sites(loaded, [neuron_set.site], None, module_pattern)[neuron_set.site]
     source = neuron_source(neurons, neuron_set.site) if isinstance(neurons, (str, Path)) and _is_json_file(neurons) else None
     check_source(source, str(neurons), loaded, neuron_set.site, site_info.width)

@@ -397,6 +397,11 @@ class Site:
     layers: list[int]
     width: int
     modules: list[nn.Module] | None = None  # indexed like ``layers``; None for resid
+    row_kind: str | None = None  # values on token rows of this kind only (``audio.*`` sites); None: every row
+
+    def meta(self) -> dict:
+        """The site as the store's metadata records it."""
+        return {"layers": self.layers, "width": self.width, **({"rows": self.row_kind} if self.row_kind else {})}
 
 
 def resolve_sites(
@@ -413,8 +418,13 @@ def resolve_sites(
             modules = mlp_modules(loaded, module_pattern)
             chosen = _pick_layers(site, list(range(len(modules))), layers)
             out[site] = Site(site, chosen, 0, [modules[i] for i in chosen])
+        elif site.startswith("audio.") and loaded.audio is not None:
+            from . import audio
+
+            out[site] = audio.encoder_site(loaded, site, layers)
         else:
-            raise NeurostoreError(f"unknown site {site!r}: use resid and/or mlp")
+            more = " (or audio.resid / audio.mlp: an audio-language model's audio encoder)" if loaded.audio is not None else ""
+            raise NeurostoreError(f"unknown site {site!r}: use resid and/or mlp{more}")
     _measure_widths(loaded, out)
     return out
 

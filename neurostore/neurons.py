@@ -14,8 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import NeurostoreError
-
-SITES = ("resid", "mlp")
+from .store import SITES
 
 
 

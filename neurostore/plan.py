@@ -98,6 +98,7 @@ def plan_for(store: Store, sel: Selection | Plan) -> Plan:
     """``sel`` checked against ``store`` (a plan is returned as it is)."""
     if isinstance(sel, Plan):
         return sel
+    sel = site_rows(store, sel)
     check_quantity(store.metas, store.paths, sel.quantity)
     _check_rows(store, sel)
     codes, langs, groups = group_codes(store, sel)
@@ -161,6 +162,20 @@ def default_rows(store: Store) -> str:
 def check_site(store: Store, site: str) -> None:
     if site not in store.sites:
         raise NeurostoreError(f"--site {site}: not in the store (stored: {', '.join(store.sites)})")
+
+
+def site_rows(store: Store, sel: Selection) -> Selection:
+    """A site with values on token rows of one kind only (``audio.resid``: the audio encoder, on the
+    audio rows) reads those rows: the default becomes that kind, any other kind is refused."""
+    only = store.site(sel.site).get("rows") if sel.site in store.sites else None
+    if not only or sel.rows != "tokens":
+        return sel
+    if sel.token_kind is None or only in sel.token_kind:  # --skip-special keeps them
+        return replace(sel, token_kind=(only,))
+    raise NeurostoreError(
+        f"--token-kind {','.join(sel.token_kind)}: site {sel.site} holds values on {only} token rows only; "
+        f"leave the option out or give --token-kind {only}"
+    )
 
 
 def token_kinds(store: Store, rows: str, kinds: Sequence[str]) -> tuple[str, ...] | None:

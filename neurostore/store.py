@@ -85,7 +85,7 @@ FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets", "stats_only",
 MODES = ("stats_only", "relevance")  # features a store has by choice: never listed as lacking
 # The one layout before features were listed: a store with this and no "features" has none of them.
 SCHEMA_VERSION = 1
-SITES = ("resid", "mlp")
+SITES = ("resid", "mlp", "audio.resid", "audio.mlp")  # audio.*: an audio-language model's audio encoder (neurostore.audio)
 POOLS = ("first", "mean", "last")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 # Codes of tokens/kind: a text token, a special token of the tokenizer ([CLS], </s>, ...), an audio frame.
@@ -931,7 +931,8 @@ def summary(store: Store) -> dict:
         "classifier": meta["model"].get("classifier", False),
         "compute_dtype": meta["compute_dtype"],
         "store_dtype": meta["store_dtype"],
-        "sites": {s: {"layers": _ranges(v["layers"]), "n_layers": len(v["layers"]), "width": v["width"]} for s, v in meta["sites"].items()},
+        "sites": {s: {"layers": _ranges(v["layers"]), "n_layers": len(v["layers"]), "width": v["width"], "rows": v.get("rows", "all")}
+                  for s, v in meta["sites"].items()},
         "quantities": quantities(meta),
         "relevance": meta.get("relevance"),
         "pool": meta["pool"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -151,6 +152,101 @@ def test_stored_frames_match_model(family, audio_models, tmp_path):
         assert np.abs(resid[span] - ref["resid"][:n]).max() < 1e-4 * scale, f"resid of utterance {i}"
         assert np.abs(mlp[span] - ref["mlp"][:n]).max() < 1e-4 * np.abs(ref["mlp"][:n]).max(), f"mlp of utterance {i}"
         assert np.abs(np.asarray(s.pooled("resid", "mean")[i]) - ref["resid"][:n].mean(axis=0)).max() < 1e-4 * scale
+
+
+def encoder_reference(loaded, wave: np.ndarray, prompt: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The audio encoder's own ``output_hidden_states`` (and fc1's activation) inside the model's
+    forward on the processor's inputs, pooled two frames to one by hand: ``[tokens, layers, width]``
+    for resid and mlp, and the LM's input ids."""
+    import torch.nn.functional as F
+    import transformers.activations as A
+
+    tower, got, fc1 = loaded.audio.tower, [], []
+    act = A.ACT2FN[loaded.config.audio_config.activation_function]
+    plain = tower.forward
+    tower.forward = lambda *a, **k: got.append(plain(*a, **k, output_hidden_states=True)) or got[-1]
+    handles = [b.fc1.register_forward_hook(lambda _m, _i, o: fc1.append(act(o))) for b in tower.layers]
+    try:
+        enc = loaded.audio.processor(text=["<|audio_bos|><|AUDIO|><|audio_eos|>" + (prompt or "")], audio=[wave], sampling_rate=16000,
+                                     return_tensors="pt")
+        with torch.inference_mode():
+            loaded.model(**enc)
+    finally:
+        tower.forward = plain
+        for h in handles:
+            h.remove()
+    ids = enc["input_ids"][0].numpy()
+    n = int((ids == loaded.audio.audio_token_id).sum())
+    hs = got[0].hidden_states  # block inputs at the frame rate, then the encoder's (pooled, normed) output
+
+    def pool(h):
+        return F.avg_pool1d(h.transpose(1, 2), 2, 2).transpose(1, 2)[0, :n]
+
+    resid = torch.stack([pool(h) for h in hs[:-1]] + [hs[-1][0, :n]], dim=1).numpy()
+    mlp = torch.stack([pool(h) for h in fc1], dim=1).numpy()
+    return resid, mlp, ids
+
+
+def test_audio_encoder_sites(audio_models, tmp_path):
+    """audio.resid / audio.mlp of Qwen2-Audio: the encoder's own hidden states, pooled to the audio
+    tokens and placed on the LM's audio rows; pooled vectors over those rows; queries read them only."""
+    from neurostore import audio
+    from neurostore import query as q
+    from neurostore.models import load
+
+    corpus = subset(tmp_path / "c.jsonl", prompt=True)
+    out = tmp_path / "s.zarr"
+    opts = ExtractOptions(sites=["resid", "audio.resid", "audio.mlp"], pool=["first", "mean", "last"], store_dtype="float32",
+                          max_batch_tokens=400, device="cpu")
+    extract([str(corpus)], str(out), model=str(audio_models["qwen2_audio"]), options=opts)
+    s = neurostore.open(str(out))
+    assert s.sites["audio.resid"]["layers"] == [0, 1, 2] and s.sites["audio.mlp"]["layers"] == [0, 1]
+    assert s.sites["audio.resid"]["rows"] == "audio" and "rows" not in s.sites["resid"]
+    loaded = load(str(audio_models["qwen2_audio"]), torch.device("cpu"))
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    acts = {site: np.asarray(s.acts(site)) for site in ("audio.resid", "audio.mlp")}
+    starts, lengths, kinds = s.doc_column("token_start"), s.doc_column("n_tokens"), s.token_column("kind")
+    for i, row in enumerate(rows):
+        ref_resid, ref_mlp, ids = encoder_reference(loaded, audio.load_waveform(row["audio"], 16000), row.get("prompt"))
+        span = slice(starts[i], starts[i] + lengths[i])
+        on_audio = kinds[span] == 2
+        assert np.array_equal(on_audio, ids == loaded.audio.audio_token_id)
+        for site, ref in (("audio.resid", ref_resid), ("audio.mlp", ref_mlp)):
+            got = acts[site][span]
+            assert np.abs(got[on_audio] - ref).max() < 1e-4 * np.abs(ref).max(), (site, i)
+            assert not got[~on_audio].any()  # prompt and special rows hold no encoder value
+            for pool, expect in (("mean", ref.mean(axis=0)), ("first", ref[0]), ("last", ref[-1])):
+                assert np.abs(np.asarray(s.pooled(site, pool)[i]) - expect).max() < 1e-4 * np.abs(ref).max(), (site, pool, i)
+    # queries over token rows read the audio rows only, whatever the default
+    keep = kinds == 2
+    labels = np.repeat(np.asarray(s.categories("label"))[s.doc_column("label")], lengths)
+    langs = np.repeat(np.asarray(s.categories("lang"))[s.doc_column("lang")], lengths)
+    stats = q.group_means(s, "audio.resid", 2, by="label", rows="tokens", zscore=False)
+    for (li, lang), (g, label) in itertools.product(enumerate(stats.langs), enumerate(stats.groups)):
+        rows_ = keep & (labels == label) & (langs == lang)
+        assert stats.count[li, g] == rows_.sum() and np.allclose(stats.M[li, g], acts["audio.resid"][rows_, 2].mean(axis=0), atol=1e-5)
+    for args, msg in ((["query", "variance", str(out), "--site", "audio.resid", "--tokens", "--token-kind", "text"], "holds values on audio token rows only"),
+                      (["extract", str(corpus), "--model", str(audio_models["wav2vec2"]), "--sites", "audio.resid", "--out", str(tmp_path / "x.zarr"),
+                        "--device", "cpu", "--quiet"], "is a speech encoder"),
+                      (["intervene", str(corpus), "--model", str(audio_models["qwen2_audio"]), "--neurons", "1:0", "--site", "audio.mlp",
+                        "--label-words", "anger=angry,joy=happy,neutral=calm,sadness=sad", "--device", "cpu"], "interventions act on the language model")):
+        res = runner.invoke(app, args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in res.stderr, (args[0], res.stderr)
+    res = runner.invoke(app, ["query", "select", str(out), "--by", "label", "--method", "contrast", "--top", "3", "--tokens", "--site", "audio.mlp",
+                              "--format", "json"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    assert set(json.loads(res.stdout)["selected"]) == {"anger", "joy", "neutral", "sadness"}
+    view = s.to_xarray()["acts_audio.resid"]
+    assert np.isnan(view.values[~keep]).all() and np.allclose(view.values[keep], acts["audio.resid"][keep])
+    reduced = tmp_path / "stats.zarr"  # --stats-only: the same rows reduced live give the same answers
+    opts.stats_only = True
+    extract([str(corpus)], str(reduced), model=str(audio_models["qwen2_audio"]), options=opts)
+    live = q.group_means(neurostore.open(str(reduced)), "audio.resid", 2, by="label", rows="tokens", zscore=False)
+    assert np.array_equal(live.count, stats.count) and np.allclose(live.M, stats.M, atol=1e-5, equal_nan=True)
+    for rows_ in ("tokens", "mean"):
+        a, b = (q.variance(neurostore.open(str(x)), "audio.mlp", 1, by="label", rows=rows_) for x in (out, reduced))
+        assert np.allclose(a.variance, b.variance, atol=1e-6), rows_
 
 
 def test_cli_extract_select_by_label(audio_models, tmp_path):
