@@ -118,6 +118,12 @@ def random_encoder(folder: str | Path, *, hidden: int = 64, layers: int = 3, see
                                            return_attention_mask=True)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    extractor.save_pretrained(folder)
+    bars = T.utils.logging.is_progress_bar_enabled()
+    T.utils.logging.disable_progress_bar()  # "Writing model shards" of one tiny shard is noise in the demo's output
+    try:
+        model.save_pretrained(folder)
+        extractor.save_pretrained(folder)
+    finally:
+        if bars:
+            T.utils.logging.enable_progress_bar()
     return folder
