@@ -45,6 +45,8 @@ def demo_command(
     missing = _speech_missing()
     if speech and missing:
         raise NeurostoreError(f"--speech: {missing}; run without --speech for the text part")
+    if speech is not False and speech_model is not None and not speech_model.is_dir():  # refused before the text part runs
+        raise NeurostoreError(f"--speech-model {speech_model}: no such folder; give a speech encoder saved with save_pretrained, or leave it out")
     if speech_clips is not None and speech_clips < 1:
         raise NeurostoreError(f"--speech-clips {speech_clips}: expected at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)

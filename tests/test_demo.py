@@ -69,3 +69,9 @@ def test_synthesize_without_espeak_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(speech_corpus, "available", lambda: False)
     with pytest.raises(NeurostoreError, match="espeak-ng"):
         speech_corpus.synthesize(tmp_path)
+
+
+def test_demo_speech_model_missing_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out-dir", str(tmp_path / "demo"), "--speech-model", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [f"error: --speech-model {tmp_path / 'nope'}: no such folder; give a speech encoder saved with save_pretrained, or leave it out"]
