@@ -200,9 +200,11 @@ def run_extract(
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     skipped = meta["corpus"].get("skipped", 0)
+    limit = meta["options"]["max_length"]
+    cut = f"{result.truncated:,} truncated at {limit} tokens" if limit < (1 << 30) else "no length limit: a speech encoder's frames"
     console.print(
         f"[green]done[/]: {result.docs:,} sentences, {result.tokens:,} tokens"
-        f" ({result.truncated:,} truncated at {meta['options']['max_length']} tokens"
+        f" ({cut}"
         + (f"; {skipped:,} unusable corpus rows skipped" if skipped else "")
         + f") -> {out} in {result.seconds:.1f}s; see: neurostore info {out}"
     )
