@@ -131,3 +131,14 @@ def test_audio_quick(tmp_path):
     s = data["summary"]
     assert s["clips"] > 0 and s["seconds_of_speech"] > 10 and s["frames"] > 0
     assert s["bare_s"] > 0 and s["extract_s"] > 0 and s["x_bare"] > 0 and s["disk_mb"] > 0
+
+
+@pytest.mark.slow
+def test_audio_lalm_quick(tmp_path):
+    pytest.importorskip("soundfile")
+    from benchmarks import audio
+
+    assert audio.main(["--quick", "--model", "qwen2-audio", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 0
+    data = _one_result(tmp_path / "results", "audio-lalm-quick")
+    s = data["summary"]
+    assert data["settings"]["sites"] == ["resid", "audio.resid"] and s["frames"] > s["clips"] and s["x_bare"] > 0 and s["disk_mb"] > 0
