@@ -3,8 +3,9 @@
 Audio is decoded with ``soundfile`` and resampled with ``scipy.signal.resample_poly`` (torchaudio
 has no build for torch 2.13 and breaks transformers' imports when installed beside it). Every
 frame of a speech encoder (wav2vec2, HuBERT, WavLM, the Whisper encoder) is a token row of kind
-``audio``; an audio-language model (Qwen2-Audio) has text, special and audio token rows on its
-language model, the audio rows being the ``<|AUDIO|>`` positions its encoder's output fills.
+``audio``; an audio-language model (Qwen2-Audio, Audio Flamingo 3) has text, special and audio token
+rows on its language model, the audio rows being the placeholder positions (``<|AUDIO|>``,
+``<sound>``) its encoder's output fills.
 
 Row counts come from sample counts alone (``soundfile.info`` at corpus reading), so the batch plan
 is made before anything is decoded; each batch decodes its own utterances (timed as ``decode``).
@@ -24,7 +25,10 @@ import torch
 from .errors import NeurostoreError
 
 ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
-LALMS = ("qwen2_audio",)
+LALMS = ("qwen2_audio", "audioflamingo3")
+# per audio-language model: its class, and the name its forward gives the mel frames' mask
+LALM_CLASS = {"qwen2_audio": "Qwen2AudioForConditionalGeneration", "audioflamingo3": "AudioFlamingo3ForConditionalGeneration"}
+LALM_MASK = {"qwen2_audio": "feature_attention_mask", "audioflamingo3": "input_features_mask"}
 AUDIO_TYPES = ENCODERS + LALMS
 NO_TOKEN = -1  # tokens/token_id of a speech encoder's frames: no vocabulary behind them
 
@@ -135,7 +139,7 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
         if family == "lalm":
             processor = T.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
             extractor, tokenizer = processor.feature_extractor, processor.tokenizer
-            model = T.Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=weights)
+            model = getattr(T, LALM_CLASS[config.model_type]).from_pretrained(path, dtype=weights)
         else:
             processor, tokenizer = None, None
             extractor = T.AutoFeatureExtractor.from_pretrained(path)
@@ -179,11 +183,34 @@ def _mel_frames(spec: AudioModel, samples: int) -> int:
     return -(-min(samples, int(spec.extractor.n_samples)) // int(spec.extractor.hop_length))
 
 
+def _windows(loaded, samples: int) -> list[int]:
+    """Audio Flamingo 3's windows of one utterance (its processor's cut): ``n_samples`` each, the last
+    one shorter, at most ``max_audio_len`` seconds in all."""
+    window = int(loaded.audio.extractor.n_samples)
+    most = int(loaded.audio.processor.max_audio_len // loaded.audio.extractor.chunk_length)
+    n = min(max(1, -(-samples // window)), most)
+    kept = min(samples, n * window)
+    return [min(window, kept - i * window) for i in range(n)]
+
+
+def _cut(loaded, samples: int) -> bool:
+    """Whether the model sees less than the whole utterance (a Whisper window, AF3's ``max_audio_len``)."""
+    spec = loaded.audio
+    if spec.family == "encoder":
+        return False
+    if loaded.model_type == "audioflamingo3":
+        return samples > sum(_windows(loaded, samples))
+    return samples > int(spec.extractor.n_samples)
+
+
 def audio_rows(loaded, samples: int) -> int:
-    """Frames (encoders) or ``<|AUDIO|>`` tokens (LALM) of an utterance of ``samples`` samples."""
+    """Frames (encoders) or audio placeholder tokens (LALM) of an utterance of ``samples`` samples."""
     spec = loaded.audio
     if spec.family == "encoder":
         return int(loaded.model._get_feat_extract_output_lengths(torch.tensor(samples)))
+    if loaded.model_type == "audioflamingo3":  # the processor counts the windows' mel frames together
+        mel = sum(_mel_frames(spec, n) for n in _windows(loaded, samples))
+        return ((mel - 1) // 2 + 1 - 2) // 2 + 1
     frames = (_mel_frames(spec, samples) - 1) // 2 + 1
     return frames if spec.family == "whisper" else (frames - 2) // 2 + 1
 
@@ -208,7 +235,7 @@ def rows(loaded, corpus, max_length: int, storage_options: dict | None = None):
     samples = [resampled_length(n, r, spec.rate) for n, r in zip(corpus.audio_frames, corpus.audio_rates)]
     counts = [audio_rows(loaded, n) for n in samples]
     if spec.family != "lalm":
-        cut = np.array([n > spec.extractor.n_samples for n in samples] if spec.family == "whisper" else [False] * len(samples), dtype=bool)
+        cut = np.array([_cut(loaded, n) for n in samples], dtype=bool)
         ids = [[NO_TOKEN] * c for c in counts]
         total = sum(counts)
         details = batching.TokenDetails(np.full(total, 2, np.int8), np.full((total, 2), -1, np.int32), {})
@@ -226,7 +253,7 @@ def rows(loaded, corpus, max_length: int, storage_options: dict | None = None):
     details.kind[flat == spec.audio_token_id] = 2
     details.offsets[:] = -1  # spans of the prompt, not of docs/text
     details.special.pop(spec.audio_token_id, None)
-    return ids, cut, details
+    return ids, cut | np.array([_cut(loaded, n) for n in samples], dtype=bool), details
 
 
 def features(loaded, docs, device: torch.device) -> dict[str, torch.Tensor]:
@@ -242,10 +269,19 @@ def features(loaded, docs, device: torch.device) -> dict[str, torch.Tensor]:
     elif spec.family == "whisper":
         out = {"input_features": spec.extractor(waves, sampling_rate=spec.rate, return_tensors="pt")["input_features"]}
     else:
-        enc = spec.extractor(waves, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
-        out = {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+        out = _lalm_audio(loaded, waves)
     spec.seconds += time.perf_counter() - t
     return {k: v.to(device) for k, v in out.items()}
+
+
+def _lalm_audio(loaded, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """An audio-language model's mel frames and their mask, as its processor makes them (AF3: the
+    utterances' windows one after another, each window a row)."""
+    spec = loaded.audio
+    if loaded.model_type == "audioflamingo3":
+        waves = [w[i * spec.extractor.n_samples:][:n] for w in waves for i, n in enumerate(_windows(loaded, len(w)))]
+    enc = spec.extractor(waves, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    return {"input_features": enc["input_features"], LALM_MASK[loaded.model_type]: enc["attention_mask"]}
 
 
 def forward(loaded, inputs: dict[str, torch.Tensor], want_hidden: bool):
@@ -270,8 +306,7 @@ def measure_widths(loaded, sites: dict) -> None:
         audio = {"input_features": spec.extractor(wave, sampling_rate=spec.rate, return_tensors="pt")["input_features"]}
         ids = None
     else:
-        enc = spec.extractor(wave, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
-        audio = {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+        audio = _lalm_audio(loaded, wave)
         text = prompt_text(loaded, "").replace(spec.processor.audio_token, spec.processor.audio_token * audio_rows(loaded, len(wave[0])))
         ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
     inputs = {"audio": {k: v.to(loaded.device) for k, v in audio.items()}}

@@ -67,6 +67,31 @@ def make_qwen2_audio(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def make_audio_flamingo3(folder: Path, seed: int = 0) -> Path:
+    """A tiny Audio Flamingo 3 (whisper-style encoder with a 2x average pool, a projector, a qwen2 language
+    model) with its processor; 4 s windows of 100 audio tokens (the real model: 30 s, 750), so an utterance
+    longer than 4 s spans several windows."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    tok = _tokenizer("llama")
+    tok.add_special_tokens({"additional_special_tokens": ["<sound>"]})
+    tok.pad_token = "</s>"
+    audio = dict(model_type="audioflamingo3_encoder", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                 num_mel_bins=80, max_source_positions=200)
+    text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=56, max_position_embeddings=512)
+    config = T.AudioFlamingo3Config(audio_config=audio, text_config=text, audio_token_id=tok.convert_tokens_to_ids("<sound>"))
+    model = T.AudioFlamingo3ForConditionalGeneration(config)
+    extractor = T.WhisperFeatureExtractor(feature_size=80, chunk_length=4)
+    processor = T.AudioFlamingo3Processor(feature_extractor=extractor, tokenizer=tok, max_audio_len=12)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":  # build them all in a folder, to look at
     import sys
 
@@ -74,3 +99,4 @@ if __name__ == "__main__":  # build them all in a folder, to look at
     for fam in ENCODERS:
         print(make_encoder(fam, out / fam))
     print(make_qwen2_audio(out / "qwen2_audio"))
+    print(make_audio_flamingo3(out / "audioflamingo3"))
