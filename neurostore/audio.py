@@ -3,7 +3,7 @@
 Audio is decoded with ``soundfile`` and resampled with ``scipy.signal.resample_poly`` (torchaudio
 has no build for torch 2.13 and breaks transformers' imports when installed beside it). Every
 frame of a speech encoder (wav2vec2, HuBERT, WavLM, the Whisper encoder) is a token row of kind
-``audio``; an audio-language model (Qwen2-Audio, Audio Flamingo 3) has text, special and audio token
+``audio``; an audio-language model (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni's thinker) has text, special and audio token
 rows on its language model, the audio rows being the placeholder positions (``<|AUDIO|>``,
 ``<sound>``) its encoder's output fills.
 
@@ -25,10 +25,11 @@ import torch
 from .errors import NeurostoreError
 
 ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
-LALMS = ("qwen2_audio", "audioflamingo3")
+LALMS = ("qwen2_audio", "audioflamingo3", "qwen2_5_omni_thinker", "qwen2_5_omni")  # qwen2_5_omni: its thinker alone
 # per audio-language model: its class, and the name its forward gives the mel frames' mask
-LALM_CLASS = {"qwen2_audio": "Qwen2AudioForConditionalGeneration", "audioflamingo3": "AudioFlamingo3ForConditionalGeneration"}
-LALM_MASK = {"qwen2_audio": "feature_attention_mask", "audioflamingo3": "input_features_mask"}
+LALM_CLASS = {"qwen2_audio": "Qwen2AudioForConditionalGeneration", "audioflamingo3": "AudioFlamingo3ForConditionalGeneration",
+              "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
+LALM_MASK = {"qwen2_audio": "feature_attention_mask", "audioflamingo3": "input_features_mask", "qwen2_5_omni_thinker": "feature_attention_mask"}
 AUDIO_TYPES = ENCODERS + LALMS
 NO_TOKEN = -1  # tokens/token_id of a speech encoder's frames: no vocabulary behind them
 
@@ -136,7 +137,9 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
     family = "lalm" if config.model_type in LALMS else "whisper" if config.model_type == "whisper" else "encoder"
     weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
     try:
-        if family == "lalm":
+        if config.model_type.startswith("qwen2_5_omni"):
+            config, model, processor, extractor, tokenizer = _load_omni(path, config, weights)
+        elif family == "lalm":
             processor = T.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
             extractor, tokenizer = processor.feature_extractor, processor.tokenizer
             model = getattr(T, LALM_CLASS[config.model_type]).from_pretrained(path, dtype=weights)
@@ -166,6 +169,25 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
                          hidden_size=int(hidden), device=device, classes=None, blocks=blocks, config=config, path=path)
     loaded.audio = spec
     return loaded
+
+
+def _load_omni(path: str, config: Any, weights: torch.dtype):
+    """Qwen2.5-Omni's thinker (its audio encoder and language model; no talker), its tokenizer and
+    feature extractor. Its processor is not loaded: it needs torchvision's video processor, and the
+    audio rows need only the audio tokens' names (the tokenizer's, else Qwen2.5-Omni's own)."""
+    import types
+
+    import transformers as T
+
+    tokenizer, extractor = T.AutoTokenizer.from_pretrained(path), T.AutoFeatureExtractor.from_pretrained(path)
+    if config.model_type == "qwen2_5_omni":  # the whole model's checkpoint: its thinker's weights alone
+        model = T.Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=weights, enable_audio_output=False).thinker
+        config = config.thinker_config
+    else:
+        model = T.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=weights)
+    names = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+    processor = types.SimpleNamespace(**{k: getattr(tokenizer, k, None) or v for k, v in names.items()}, audio_token_id=config.audio_token_index)
+    return config, model, processor, extractor, tokenizer
 
 
 def max_rows(loaded) -> int:
