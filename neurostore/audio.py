@@ -3,9 +3,9 @@
 Audio is decoded with ``soundfile`` and resampled with ``scipy.signal.resample_poly`` (torchaudio
 has no build for torch 2.13 and breaks transformers' imports when installed beside it). Every
 frame of a speech encoder (wav2vec2, HuBERT, WavLM, the Whisper encoder) is a token row of kind
-``audio``; an audio-language model (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni's thinker) has text, special and audio token
-rows on its language model, the audio rows being the placeholder positions (``<|AUDIO|>``,
-``<sound>``) its encoder's output fills.
+``audio``; an audio-language model (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni's thinker) has
+text, special and audio token rows on its language model, the audio rows being the placeholder
+positions (``<|AUDIO|>``, ``<sound>``) its encoder's output fills.
 
 Row counts come from sample counts alone (``soundfile.info`` at corpus reading), so the batch plan
 is made before anything is decoded; each batch decodes its own utterances (timed as ``decode``).

@@ -19,11 +19,11 @@ from cli.main import app  # noqa: E402
 from neurostore.corpus import read_corpus  # noqa: E402
 from neurostore.extract import ExtractOptions, extract  # noqa: E402
 from test_speech import subset  # noqa: E402
-from tiny_audio import make_audio_flamingo3, make_qwen2_5_omni  # noqa: E402
+from tiny_audio import make_audio_flamingo3, make_qwen2_5_omni, make_qwen2_audio  # noqa: E402
 
 runner = CliRunner()
-# qwen2_5_omni: the whole model's checkpoint, of which the thinker is read
-BUILDERS = {"audioflamingo3": make_audio_flamingo3, "qwen2_5_omni_thinker": make_qwen2_5_omni, "qwen2_5_omni": partial(make_qwen2_5_omni, whole=True)}
+# qwen2_5_omni: the whole model's checkpoint, of which the thinker is read; qwen2_audio: its cut past the window
+BUILDERS = {"qwen2_audio": make_qwen2_audio, "audioflamingo3": make_audio_flamingo3, "qwen2_5_omni_thinker": make_qwen2_5_omni, "qwen2_5_omni": partial(make_qwen2_5_omni, whole=True)}
 CLI = ("audioflamingo3", "qwen2_5_omni_thinker")
 PROMPT = "How does the speaker feel?"
 
