@@ -3,8 +3,9 @@
 Audio is decoded with ``soundfile`` and resampled with ``scipy.signal.resample_poly`` (torchaudio
 has no build for torch 2.13 and breaks transformers' imports when installed beside it). Every
 frame of a speech encoder (wav2vec2, HuBERT, WavLM, the Whisper encoder) is a token row of kind
-``audio``; an audio-language model (Qwen2-Audio) has text, special and audio token rows on its
-language model, the audio rows being the ``<|AUDIO|>`` positions its encoder's output fills.
+``audio``; an audio-language model (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni's thinker) has
+text, special and audio token rows on its language model, the audio rows being the placeholder
+positions (``<|AUDIO|>``, ``<sound>``) its encoder's output fills.
 
 Row counts come from sample counts alone (``soundfile.info`` at corpus reading), so the batch plan
 is made before anything is decoded; each batch decodes its own utterances (timed as ``decode``).
@@ -25,7 +26,12 @@ import torch
 from .errors import NeurostoreError
 
 ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
-LALMS = ("qwen2_audio",)
+LALMS = ("qwen2_audio", "audioflamingo3", "qwen2_5_omni_thinker", "qwen2_5_omni")  # qwen2_5_omni: its thinker alone
+ENCODER_READ = ("qwen2_audio", "audioflamingo3")  # audio-language models whose audio encoder is read as the audio.* sites
+# per audio-language model: its class, and the name its forward gives the mel frames' mask
+LALM_CLASS = {"qwen2_audio": "Qwen2AudioForConditionalGeneration", "audioflamingo3": "AudioFlamingo3ForConditionalGeneration",
+              "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
+LALM_MASK = {"qwen2_audio": "feature_attention_mask", "audioflamingo3": "input_features_mask", "qwen2_5_omni_thinker": "feature_attention_mask"}
 AUDIO_TYPES = ENCODERS + LALMS
 NO_TOKEN = -1  # tokens/token_id of a speech encoder's frames: no vocabulary behind them
 
@@ -134,10 +140,12 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
     family = "lalm" if config.model_type in LALMS else "whisper" if config.model_type == "whisper" else "encoder"
     weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
     try:
-        if family == "lalm":
+        if config.model_type.startswith("qwen2_5_omni"):
+            config, model, processor, extractor, tokenizer = _load_omni(path, config, weights)
+        elif family == "lalm":
             processor = T.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
             extractor, tokenizer = processor.feature_extractor, processor.tokenizer
-            model = T.Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=weights)
+            model = getattr(T, LALM_CLASS[config.model_type]).from_pretrained(path, dtype=weights)
         else:
             processor, tokenizer = None, None
             extractor = T.AutoFeatureExtractor.from_pretrained(path)
@@ -153,7 +161,9 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
     spec = AudioModel(family, extractor, int(extractor.sampling_rate), processor)
     if family == "lalm":
         spec.audio_token_id = int(processor.audio_token_id)
-        spec.tower = model.model.audio_tower
+        # the encoder read as audio.* sites where its pooled frames fill the audio rows one to one (Qwen2.5-Omni's
+        # runs on the batch's frames concatenated, with its own pooling indices: not read yet)
+        spec.tower = model.model.audio_tower if config.model_type in ENCODER_READ else None
         text = config.text_config
         n_layers, hidden, blocks = text.num_hidden_layers, text.hidden_size, model.model.language_model.layers
     elif family == "whisper":
@@ -165,6 +175,25 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
                          hidden_size=int(hidden), device=device, classes=None, blocks=blocks, config=config, path=path)
     loaded.audio = spec
     return loaded
+
+
+def _load_omni(path: str, config: Any, weights: torch.dtype):
+    """Qwen2.5-Omni's thinker (its audio encoder and language model; no talker), its tokenizer and
+    feature extractor. Its processor is not loaded: it needs torchvision's video processor, and the
+    audio rows need only the audio tokens' names (the tokenizer's, else Qwen2.5-Omni's own)."""
+    import types
+
+    import transformers as T
+
+    tokenizer, extractor = T.AutoTokenizer.from_pretrained(path), T.AutoFeatureExtractor.from_pretrained(path)
+    if config.model_type == "qwen2_5_omni":  # the whole model's checkpoint: its thinker's weights alone
+        model = T.Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=weights, enable_audio_output=False).thinker
+        config = config.thinker_config
+    else:
+        model = T.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=weights)
+    names = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+    processor = types.SimpleNamespace(**{k: getattr(tokenizer, k, None) or v for k, v in names.items()}, audio_token_id=config.audio_token_index)
+    return config, model, processor, extractor, tokenizer
 
 
 def max_rows(loaded) -> int:
@@ -182,11 +211,34 @@ def _mel_frames(spec: AudioModel, samples: int) -> int:
     return -(-min(samples, int(spec.extractor.n_samples)) // int(spec.extractor.hop_length))
 
 
+def _windows(loaded, samples: int) -> list[int]:
+    """Audio Flamingo 3's windows of one utterance (its processor's cut): ``n_samples`` each, the last
+    one shorter, at most ``max_audio_len`` seconds in all."""
+    window = int(loaded.audio.extractor.n_samples)
+    most = int(loaded.audio.processor.max_audio_len // loaded.audio.extractor.chunk_length)
+    n = min(max(1, -(-samples // window)), most)
+    kept = min(samples, n * window)
+    return [min(window, kept - i * window) for i in range(n)]
+
+
+def _cut(loaded, samples: int) -> bool:
+    """Whether the model sees less than the whole utterance (a Whisper window, AF3's ``max_audio_len``)."""
+    spec = loaded.audio
+    if spec.family == "encoder":
+        return False
+    if loaded.model_type == "audioflamingo3":
+        return samples > sum(_windows(loaded, samples))
+    return samples > int(spec.extractor.n_samples)
+
+
 def audio_rows(loaded, samples: int) -> int:
-    """Frames (encoders) or ``<|AUDIO|>`` tokens (LALM) of an utterance of ``samples`` samples."""
+    """Frames (encoders) or audio placeholder tokens (LALM) of an utterance of ``samples`` samples."""
     spec = loaded.audio
     if spec.family == "encoder":
         return int(loaded.model._get_feat_extract_output_lengths(torch.tensor(samples)))
+    if loaded.model_type == "audioflamingo3":  # the processor counts the windows' mel frames together
+        mel = sum(_mel_frames(spec, n) for n in _windows(loaded, samples))
+        return ((mel - 1) // 2 + 1 - 2) // 2 + 1
     frames = (_mel_frames(spec, samples) - 1) // 2 + 1
     return frames if spec.family == "whisper" else (frames - 2) // 2 + 1
 
@@ -211,7 +263,7 @@ def rows(loaded, corpus, max_length: int, storage_options: dict | None = None):
     samples = [resampled_length(n, r, spec.rate) for n, r in zip(corpus.audio_frames, corpus.audio_rates)]
     counts = [audio_rows(loaded, n) for n in samples]
     if spec.family != "lalm":
-        cut = np.array([n > spec.extractor.n_samples for n in samples] if spec.family == "whisper" else [False] * len(samples), dtype=bool)
+        cut = np.array([_cut(loaded, n) for n in samples], dtype=bool)
         ids = [[NO_TOKEN] * c for c in counts]
         total = sum(counts)
         details = batching.TokenDetails(np.full(total, 2, np.int8), np.full((total, 2), -1, np.int32), {})
@@ -229,7 +281,7 @@ def rows(loaded, corpus, max_length: int, storage_options: dict | None = None):
     details.kind[flat == spec.audio_token_id] = 2
     details.offsets[:] = -1  # spans of the prompt, not of docs/text
     details.special.pop(spec.audio_token_id, None)
-    return ids, cut, details
+    return ids, cut | np.array([_cut(loaded, n) for n in samples], dtype=bool), details
 
 
 def features(loaded, docs, device: torch.device) -> dict[str, torch.Tensor]:
@@ -245,10 +297,19 @@ def features(loaded, docs, device: torch.device) -> dict[str, torch.Tensor]:
     elif spec.family == "whisper":
         out = {"input_features": spec.extractor(waves, sampling_rate=spec.rate, return_tensors="pt")["input_features"]}
     else:
-        enc = spec.extractor(waves, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
-        out = {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+        out = _lalm_audio(loaded, waves)
     spec.seconds += time.perf_counter() - t
     return {k: v.to(device) for k, v in out.items()}
+
+
+def _lalm_audio(loaded, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """An audio-language model's mel frames and their mask, as its processor makes them (AF3: the
+    utterances' windows one after another, each window a row)."""
+    spec = loaded.audio
+    if loaded.model_type == "audioflamingo3":
+        waves = [w[i * spec.extractor.n_samples:][:n] for w in waves for i, n in enumerate(_windows(loaded, len(w)))]
+    enc = spec.extractor(waves, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    return {"input_features": enc["input_features"], LALM_MASK[loaded.model_type]: enc["attention_mask"]}
 
 
 def forward(loaded, inputs: dict[str, torch.Tensor], want_hidden: bool):
@@ -273,8 +334,7 @@ def measure_widths(loaded, sites: dict) -> None:
         audio = {"input_features": spec.extractor(wave, sampling_rate=spec.rate, return_tensors="pt")["input_features"]}
         ids = None
     else:
-        enc = spec.extractor(wave, sampling_rate=spec.rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
-        audio = {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+        audio = _lalm_audio(loaded, wave)
         text = prompt_text(loaded, "").replace(spec.processor.audio_token, spec.processor.audio_token * audio_rows(loaded, len(wave[0])))
         ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
     inputs = {"audio": {k: v.to(loaded.device) for k, v in audio.items()}}
@@ -303,8 +363,9 @@ def layers_of(loaded, out, sites: dict, captured: dict, encoded: dict, inputs: d
 # ----------------------------------------------------------------------------------------------
 # The audio encoder of an audio-language model as sites of its own: ``audio.resid`` and ``audio.mlp``
 #
-# Its frames run at twice the rate of the audio tokens the language model reads (Qwen2-Audio's
-# encoder averages pairs of frames, ``avg_pooler``, before its final norm and the projector). Each
+# Its frames run at twice the rate of the audio tokens the language model reads (Qwen2-Audio's and
+# Audio Flamingo 3's encoders average pairs of frames, ``avg_pooler``, before the final norm and the
+# projector; AF3's batch rows are 30 s windows, an utterance's windows in order). Each
 # stored layer is pooled by the encoder's own pooler and placed on the language model's audio rows,
 # so that row i of ``audio.resid`` and of ``resid`` is the same stretch of speech; text and special
 # rows hold zeros, and the store marks the site ``rows: audio`` so that queries read its audio rows only.
@@ -322,7 +383,10 @@ def _tower(loaded, site: str):
             "audio.* sites are the audio encoder of an audio-language model"
         )
     if spec.tower is None:
-        raise NeurostoreError(f"site {site}: the audio encoder of {loaded.model_type} is not read yet (audio.* sites: Qwen2-Audio)")
+        raise NeurostoreError(
+            f"site {site}: the audio encoder of {loaded.model_type} is not read yet (audio.* sites: Qwen2-Audio, Audio Flamingo 3); "
+            "its language model's sites resid and mlp are"
+        )
     return spec.tower
 
 
@@ -356,8 +420,11 @@ def encoder_capture(loaded, sites: dict):
     handles = []
 
     def keep(name: str, j: int, what: str):
-        def hook(_module, args, output=None):
-            value = args[0] if what == "input" else output
+        def hook(_module, args, output):
+            if what == "input":  # a pre-hook with kwargs: (module, args, kwargs)
+                value = args[0] if args else output["hidden_states"]
+            else:
+                value = output
             if what == "output" and hasattr(value, "last_hidden_state"):
                 value = value.last_hidden_state
             captured[name][j] = value[0] if isinstance(value, tuple) else value
@@ -372,7 +439,7 @@ def encoder_capture(loaded, sites: dict):
                 if name == "audio.mlp":
                     handles.append(tower.layers[layer].activation_fn.register_forward_hook(keep(name, j, "output")))
                 elif layer == 0:
-                    handles.append(tower.layers[0].register_forward_pre_hook(keep(name, j, "input")))
+                    handles.append(tower.layers[0].register_forward_pre_hook(keep(name, j, "input"), with_kwargs=True))
                 elif layer < n:
                     handles.append(tower.layers[layer - 1].register_forward_hook(keep(name, j, "output")))
                 else:
@@ -385,7 +452,7 @@ def encoder_capture(loaded, sites: dict):
 
 def audio_token_counts(loaded, inputs: dict) -> torch.Tensor:
     """Audio tokens per utterance of the batch, as the model counts them from its feature mask."""
-    mel = inputs["audio"]["feature_attention_mask"].sum(-1)
+    mel = inputs["audio"][LALM_MASK[loaded.model_type]].sum(-1)  # per utterance, or per window (AF3: the windows in order)
     return loaded.audio.tower._get_feat_extract_output_lengths(mel)[1]
 
 

@@ -369,7 +369,7 @@ def _extract(
         raise NeurostoreError("--quantity relevance is for text models for now; extract activations" if explains else
                               f"{loaded.name}: an audio model needs an audio corpus (a column 'audio' naming each row's file)")
     if loaded.audio is None and part.audio is not None:
-        raise NeurostoreError(f"{corpus.files[0]}: an audio corpus needs an audio model (wav2vec2, HuBERT, WavLM, Whisper, Qwen2-Audio); "
+        raise NeurostoreError(f"{corpus.files[0]}: an audio corpus needs an audio model (wav2vec2, HuBERT, WavLM, Whisper, Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni); "
                               f"{loaded.name} is a text model ({loaded.model_type})")
     if explains:
         opts.relevance_target = opts.relevance_target or relevance.default_target(loaded)

@@ -875,7 +875,7 @@ def run(
     mode writes. A neuron set found on another model applies when that model has the same
     architecture, layer count and site width (base -> chat), and is refused otherwise. Warnings
     (empty set, positions that miss the pooled token, another model or dtype in ``stats``) go
-    through :mod:`warnings`. An audio-language model (Qwen2-Audio) is a classifier by ``label_words``
+    through :mod:`warnings`. An audio-language model (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni's thinker) is a classifier by ``label_words``
     (``joy=happy,...``): its prediction is the label whose word has the highest log-probability
     after the prompt (``prompt``, or the corpus's prompt column)."""
     neuron_set = neurons if isinstance(neurons, NeuronSet) else load_neuron_set(neurons, site=site, group=group)
@@ -902,7 +902,7 @@ def run(
     speech = loaded.audio is not None and loaded.audio.family == "lalm"
     lm = is_causal_lm(loaded) and not speech
     if loaded.audio is not None and not speech:
-        raise NeurostoreError(f"--model {loaded.name}: a speech encoder has no prediction to measure; intervene on an audio-language model (Qwen2-Audio)")
+        raise NeurostoreError(f"--model {loaded.name}: a speech encoder has no prediction to measure; intervene on an audio-language model (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni)")
     if loaded.classes is None and not lm and not speech:
         raise NeurostoreError(
             f"--model {loaded.name}: neither a sequence classifier nor a causal LM "

@@ -42,6 +42,8 @@ MLP_MODULES: dict[str, str] = {
     "data2vec-audio": "feed_forward.intermediate_act_fn",
     "whisper": "activation_fn",
     "qwen2_audio": "mlp.act_fn",
+    "audioflamingo3": "mlp.act_fn",
+    "qwen2_5_omni_thinker": "mlp.act_fn",
 }
 SUPPORTED = sorted(MLP_MODULES)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
