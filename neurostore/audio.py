@@ -27,7 +27,7 @@ from .errors import NeurostoreError
 
 ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
 LALMS = ("qwen2_audio", "audioflamingo3", "qwen2_5_omni_thinker", "qwen2_5_omni")  # qwen2_5_omni: its thinker alone
-ENCODER_READ = ("qwen2_audio", "audioflamingo3")  # audio-language models whose audio encoder is read as the audio.* sites
+ENCODER_READ = ("qwen2_audio", "audioflamingo3", "qwen2_5_omni_thinker")  # audio-language models whose encoder is read as audio.* sites
 # per audio-language model: its class, and the name its forward gives the mel frames' mask
 LALM_CLASS = {"qwen2_audio": "Qwen2AudioForConditionalGeneration", "audioflamingo3": "AudioFlamingo3ForConditionalGeneration",
               "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
@@ -161,8 +161,6 @@ def load(path: str, name: str | None, config: Any, device: torch.device, dtype: 
     spec = AudioModel(family, extractor, int(extractor.sampling_rate), processor)
     if family == "lalm":
         spec.audio_token_id = int(processor.audio_token_id)
-        # the encoder read as audio.* sites where its pooled frames fill the audio rows one to one (Qwen2.5-Omni's
-        # runs on the batch's frames concatenated, with its own pooling indices: not read yet)
         spec.tower = model.model.audio_tower if config.model_type in ENCODER_READ else None
         text = config.text_config
         n_layers, hidden, blocks = text.num_hidden_layers, text.hidden_size, model.model.language_model.layers
@@ -363,9 +361,10 @@ def layers_of(loaded, out, sites: dict, captured: dict, encoded: dict, inputs: d
 # ----------------------------------------------------------------------------------------------
 # The audio encoder of an audio-language model as sites of its own: ``audio.resid`` and ``audio.mlp``
 #
-# Its frames run at twice the rate of the audio tokens the language model reads (Qwen2-Audio's and
-# Audio Flamingo 3's encoders average pairs of frames, ``avg_pooler``, before the final norm and the
-# projector; AF3's batch rows are 30 s windows, an utterance's windows in order). Each
+# Its frames run at twice the rate of the audio tokens the language model reads: each encoder averages
+# pairs of frames before its final norm and the projector (Qwen2-Audio and Audio Flamingo 3: ``avg_pooler``
+# over a batch of windows, AF3's an utterance's 30 s windows in order; Qwen2.5-Omni: pairs within each
+# utterance of the batch's frames concatenated, one flat ``[frames, width]`` tensor). Each
 # stored layer is pooled by the encoder's own pooler and placed on the language model's audio rows,
 # so that row i of ``audio.resid`` and of ``resid`` is the same stretch of speech; text and special
 # rows hold zeros, and the store marks the site ``rows: audio`` so that queries read its audio rows only.
@@ -384,7 +383,7 @@ def _tower(loaded, site: str):
         )
     if spec.tower is None:
         raise NeurostoreError(
-            f"site {site}: the audio encoder of {loaded.model_type} is not read yet (audio.* sites: Qwen2-Audio, Audio Flamingo 3); "
+            f"site {site}: the audio encoder of {loaded.model_type} is not read yet (audio.* sites: {', '.join(ENCODER_READ)}); "
             "its language model's sites resid and mlp are"
         )
     return spec.tower
@@ -442,8 +441,9 @@ def encoder_capture(loaded, sites: dict):
                     handles.append(tower.layers[0].register_forward_pre_hook(keep(name, j, "input"), with_kwargs=True))
                 elif layer < n:
                     handles.append(tower.layers[layer - 1].register_forward_hook(keep(name, j, "output")))
-                else:
-                    handles.append(tower.register_forward_hook(keep(name, j, "output")))
+                else:  # the encoder's output before its projection (Qwen2.5-Omni: ln_post, then proj)
+                    final = tower.ln_post if hasattr(tower, "ln_post") else tower
+                    handles.append(final.register_forward_hook(keep(name, j, "output")))
         yield captured
     finally:
         for handle in handles:
@@ -470,11 +470,23 @@ def _to_lm_rows(loaded, h: torch.Tensor, pooled: bool, inputs: dict) -> torch.Te
     rate by the encoder's own pooler, each utterance's first n tokens (n as the model counts them)
     placed on its ``<|AUDIO|>`` positions in order, the way the model fills them; zeros elsewhere."""
     spec = loaded.audio
-    if not pooled:
-        h = spec.tower.avg_pooler(h.transpose(1, 2)).transpose(1, 2)
-    counts = audio_token_counts(loaded, inputs).to(h.device)
-    keep = torch.arange(h.shape[1], device=h.device)[None, :] < counts[:, None]
     ids = inputs["ids"]
+    if h.dim() == 2:  # Qwen2.5-Omni: the utterances' frames concatenated; already the tokens when pooled
+        tokens = h if pooled else _pairs_flat(h, inputs["audio"][LALM_MASK[loaded.model_type]].sum(-1))
+    else:
+        if not pooled:
+            h = spec.tower.avg_pooler(h.transpose(1, 2)).transpose(1, 2)
+        counts = audio_token_counts(loaded, inputs).to(h.device)
+        tokens = h[torch.arange(h.shape[1], device=h.device)[None, :] < counts[:, None]]
     out = h.new_zeros((ids.shape[0], ids.shape[1], h.shape[-1]))
-    out[ids == spec.audio_token_id] = h[keep]
+    out[ids == spec.audio_token_id] = tokens
     return out
+
+
+def _pairs_flat(h: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    """Mean of frame pairs (2k, 2k+1) within each utterance of a flat ``[frames, width]`` tensor whose
+    utterances have ``(mel - 1) // 2 + 1`` frames each: ``(frames - 2) // 2 + 1`` tokens apiece, in order."""
+    frames = ((mel - 1) // 2 + 1).tolist()
+    starts = np.concatenate(([0], np.cumsum(frames)[:-1]))
+    first = torch.from_numpy(np.concatenate([s + 2 * np.arange((c - 2) // 2 + 1) for s, c in zip(starts, frames)])).to(h.device)
+    return (h[first] + h[first + 1]) / 2

@@ -70,7 +70,7 @@ def reference(loaded, wave: np.ndarray, prompt: str | None) -> dict:
     tower, towered = loaded.audio.tower, []
     if tower is not None:  # the encoder's own output_hidden_states inside the model's forward (audio.resid)
         plain = tower.forward
-        tower.forward = lambda *a, **k: towered.append(plain(*a, **k, output_hidden_states=True)) or towered[-1]
+        tower.forward = lambda *a, **k: towered.append(plain(*a, **{**k, "output_hidden_states": True})) or towered[-1]
     try:
         with torch.inference_mode():
             out = loaded.model(**enc, output_hidden_states=True)
@@ -85,8 +85,16 @@ def reference(loaded, wave: np.ndarray, prompt: str | None) -> dict:
         mel = next(v for k, v in enc.items() if k.endswith("mask") and k != "attention_mask").sum(-1)
         valid = (((mel - 1) // 2 + 1) - 2) // 2 + 1
         hs = towered[0].hidden_states
-        layers = [torch.nn.functional.avg_pool1d(h.transpose(1, 2), 2, 2).transpose(1, 2) for h in hs[:-1]] + [hs[-1]]
-        ref["audio.resid"] = torch.stack([torch.cat([h[w, :n] for w, n in enumerate(valid.tolist())]) for h in layers], dim=1).numpy()
+        if hs[0].dim() == 2:  # Qwen2.5-Omni: flat frames, its own pair indices; the last block's raw output, then ln_post
+            from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import get_pool_indices
+
+            first = get_pool_indices(mel)
+            pairs = [(h[first] + h[first + 1]) / 2 for h in hs]
+            ref["audio.resid"] = torch.stack(pairs[:-1] + [tower.ln_post(pairs[-1])], dim=1).numpy()
+            assert len(hs) == len(tower.layers) + 1 and ref["audio.resid"].shape[0] == valid.sum()
+        else:
+            layers = [torch.nn.functional.avg_pool1d(h.transpose(1, 2), 2, 2).transpose(1, 2) for h in hs[:-1]] + [hs[-1]]
+            ref["audio.resid"] = torch.stack([torch.cat([h[w, :n] for w, n in enumerate(valid.tolist())]) for h in layers], dim=1).numpy()
     return ref
 
 
@@ -97,9 +105,7 @@ def test_stored_rows_match_model(family, lalms, tmp_path):
 
     corpus = with_long(subset(tmp_path / "c.jsonl", every=6, prompt=True), tmp_path)
     out = tmp_path / "s.zarr"
-    encoder = family in ("qwen2_audio", "audioflamingo3")  # whose audio encoder is read as audio.resid
-    opts = ExtractOptions(sites=["resid", "mlp", *(["audio.resid"] if encoder else [])], pool=["mean"], store_dtype="float32",
-                          max_batch_tokens=400, device="cpu")
+    opts = ExtractOptions(sites=["resid", "mlp", "audio.resid"], pool=["mean"], store_dtype="float32", max_batch_tokens=400, device="cpu")
     result = extract([str(corpus)], str(out), model=str(lalms[family]), options=opts)
     assert result.meta["complete"] and result.truncated == (family != "audioflamingo3")  # the long one: past a 4 s window
     s = neurostore.open(str(out))
@@ -120,16 +126,9 @@ def test_stored_rows_match_model(family, lalms, tmp_path):
         scale = np.abs(ref["resid"]).max()
         assert np.abs(resid[span] - ref["resid"]).max() < 1e-4 * scale, f"resid of utterance {i}"
         assert np.abs(mlp[span] - ref["mlp"]).max() < 1e-4 * np.abs(ref["mlp"]).max(), f"mlp of utterance {i}"
-        if encoder:
-            got = np.asarray(s.acts("audio.resid"))[span]
-            assert np.abs(got[kinds[span] == 2] - ref["audio.resid"]).max() < 1e-4 * np.abs(ref["audio.resid"]).max(), f"audio.resid {i}"
-            assert not got[kinds[span] != 2].any()
-    if not encoder:
-        from neurostore.errors import NeurostoreError
-        from neurostore.models import resolve_sites
-
-        with pytest.raises(NeurostoreError, match="audio encoder of qwen2_5_omni_thinker is not read yet"):
-            resolve_sites(loaded, ["audio.resid"], None)
+        got = np.asarray(s.acts("audio.resid"))[span]  # the audio encoder's layers on the audio rows
+        assert np.abs(got[kinds[span] == 2] - ref["audio.resid"]).max() < 1e-4 * np.abs(ref["audio.resid"]).max(), f"audio.resid {i}"
+        assert not got[kinds[span] != 2].any()
     if family == "audioflamingo3":  # the long one: three windows (4 + 4 + 1.3 s: 100 + 100 + 32 tokens)
         assert ref["enc"]["input_features"].shape[0] == 3 and int((ref["ids"] == token_id).sum()) == 232
 
