@@ -81,8 +81,10 @@ ATTR = "neurostore"
 #   stats_only  a mode, not an improvement: grouped statistics in place of activations (statsonly)
 #   relevance   relevance/ and relevance_pooled/: each neuron's relevance to the prediction (a choice
 #               at extraction, --quantity relevance|both; meta "quantities" and "relevance")
-FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets", "stats_only", "relevance")
-MODES = ("stats_only", "relevance")  # features a store has by choice: never listed as lacking
+#   site_rows   a site with values on token rows of one kind only (sites {site: {"rows": "audio"}}: the
+#               audio encoder's audio.* sites); a reader that ignored it would average the zeros between
+FEATURES = ("plan_v2", "checksums", "token_kind", "token_offsets", "stats_only", "relevance", "site_rows")
+MODES = ("stats_only", "relevance", "site_rows")  # features a store has by choice: never listed as lacking
 # The one layout before features were listed: a store with this and no "features" has none of them.
 SCHEMA_VERSION = 1
 SITES = ("resid", "mlp", "audio.resid", "audio.mlp")  # audio.*: an audio-language model's audio encoder (neurostore.audio)
@@ -373,7 +375,8 @@ def new_meta(
     count), ``batches`` the real and padded tokens of the forward passes run so far. ``stats``
     (``{"groups", "k", "sketch", "entry"}``) makes a stats-only store (:mod:`neurostore.statsonly`).
     """
-    skip = {"plan_v2": plan < 2, "checksums": not checksums, "stats_only": stats is None, "relevance": relevance is None}
+    skip = {"plan_v2": plan < 2, "checksums": not checksums, "stats_only": stats is None, "relevance": relevance is None,
+            "site_rows": not any(spec.get("rows") for spec in sites.values())}
     extra = {} if stats is None else {"stats": dict(stats)}
     if relevance is not None:  # {"rule", "target", "quantities"}: what --quantity stored and how
         extra.update(quantities=list(relevance["quantities"]), relevance={"rule": relevance["rule"], "target": relevance["target"]})

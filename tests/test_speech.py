@@ -202,6 +202,7 @@ def test_audio_encoder_sites(audio_models, tmp_path):
     s = neurostore.open(str(out))
     assert s.sites["audio.resid"]["layers"] == [0, 1, 2] and s.sites["audio.mlp"]["layers"] == [0, 1]
     assert s.sites["audio.resid"]["rows"] == "audio" and "rows" not in s.sites["resid"]
+    assert "site_rows" in s.meta["features"]  # a reader that does not know it refuses the store, not averages its zeros
     loaded = load(str(audio_models["qwen2_audio"]), torch.device("cpu"))
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     acts = {site: np.asarray(s.acts(site)) for site in ("audio.resid", "audio.mlp")}
