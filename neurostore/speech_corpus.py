@@ -5,7 +5,7 @@ and soft, anger loud and fast, neutral with espeak's defaults. That is enough fo
 label-sensitive neurons and for tests and the demo to have real speech with labels and languages; it
 is no benchmark of emotion recognition. Clips are 16 kHz mono 16-bit FLAC (espeak's 22050 Hz output
 resampled with ``scipy.signal.resample_poly``); the output is deterministic for one espeak-ng
-version. ``data/make_speech.py`` writes the packaged ``data/speech/`` with :func:`synthesize`.
+version. The repository's ``data/speech/`` was written by ``python -m neurostore.speech_corpus data``.
 """
 
 from __future__ import annotations
@@ -127,3 +127,29 @@ def random_encoder(folder: str | Path, *, hidden: int = 64, layers: int = 3, see
         if bars:
             T.utils.logging.enable_progress_bar()
     return folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m neurostore.speech_corpus [OUT_DIR]``: write OUT_DIR/speech/ and OUT_DIR/speech.jsonl."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m neurostore.speech_corpus [OUT_DIR]   (writes OUT_DIR/speech/ and OUT_DIR/speech.jsonl; default: .)"
+    if args in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(args) > 1 or any(a.startswith("-") for a in args):
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        path = synthesize(Path(args[0] if args else "."))
+    except NeurostoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    clips = sorted((path.parent / "speech").glob("*.flac"))
+    print(f"{len(clips)} clips, {sum(c.stat().st_size for c in clips) / 1e6:.2f} MB -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

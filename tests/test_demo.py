@@ -49,7 +49,7 @@ def test_demo_speech_part(tmp_path, tiny_models):
     assert len(kinds) > 24 and (kinds == 2).all()  # every frame a token row of kind audio
     assert sorted(store.sites) == ["mlp", "resid"]
     packaged = (Path(__file__).resolve().parent.parent / "data" / "speech.jsonl").read_text(encoding="utf-8").splitlines()
-    assert (out / "speech" / "speech.jsonl").read_text(encoding="utf-8").splitlines() == packaged[:24]  # data/make_speech.py's rows, in order
+    assert (out / "speech" / "speech.jsonl").read_text(encoding="utf-8").splitlines() == packaged[:24]  # data/speech.jsonl's rows, in order
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and again.stdout.count("already complete") == 2 and "exists: reusing it" in again.stdout
 
@@ -69,6 +69,9 @@ def test_synthesize_without_espeak_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(speech_corpus, "available", lambda: False)
     with pytest.raises(NeurostoreError, match="espeak-ng"):
         speech_corpus.synthesize(tmp_path)
+    # python -m neurostore.speech_corpus: the same refusal as one line and exit 2; usage errors too
+    assert speech_corpus.main([str(tmp_path)]) == 2 and speech_corpus.main(["a", "b"]) == 2 and speech_corpus.main(["--help"]) == 0
+    assert not (tmp_path / "speech.jsonl").exists()
 
 
 def test_demo_speech_model_missing_is_one_line(tmp_path):

@@ -31,7 +31,7 @@ def test_wheel_installs_neurostore_only(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("neurostore", "cli", "benchmarks"):
+    for name in ("neurostore", "cli", "benchmarks", "data"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
     try:  # build with the installed setuptools when it is new enough (license = "MIT" needs 77); else pip fetches one
@@ -48,6 +48,7 @@ def test_wheel_installs_neurostore_only(tmp_path):
         names = z.namelist()
     assert tops == {"neurostore"}, tops
     assert "neurostore/cli/main.py" in names and not any(n.startswith("benchmarks") for n in names)
+    assert "neurostore/data/emotions.jsonl" in names and not any(n.startswith("neurostore/data/speech") for n in names)
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
@@ -71,6 +72,9 @@ def test_wheel_installs_neurostore_only(tmp_path):
     script = bindir / "neurostore"
     helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert helped.returncode == 0 and "extract" in helped.stdout, helped.stderr
+    sample = subprocess.run([str(py), "-c", "from neurostore.cli.options import SAMPLE_CORPUS as s; print(s, s.is_file())"],
+                            check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout.split()
+    assert sample[0].startswith(purelib) and sample[1] == "True", sample  # the demo's corpus is in the wheel
     info = subprocess.run([str(script), "info", store.path], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert info.returncode == 0, info.stderr
     assert "resid" in info.stdout and "Traceback" not in info.stderr
