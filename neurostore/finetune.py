@@ -249,17 +249,7 @@ def load_model(model: str | None, device: torch.device, task: str, labels: Seque
         raise NeurostoreError(f"cannot load model {path!r}: {M._first_line(err)}") from None
     except Exception as err:  # noqa: BLE001
         raise NeurostoreError(f"cannot load model {path!r}: {M._first_line(err)}") from None
-    net.eval().requires_grad_(False).to(device)
-    classes = None
-    if task == "classify":
-        id2label = net.config.id2label or {}
-        classes = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(net.config.num_labels)]
-    n_layers = M._n_layers(config)
-    return M.LoadedModel(
-        model=net, tokenizer=tokenizer, name=model or M.DEFAULT_NAME, model_type=config.model_type, n_layers=n_layers,
-        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or getattr(config, "dim", 0)),
-        device=device, classes=classes, blocks=M._find_blocks(net, n_layers), config=config, path=path,
-    )
+    return M.wrap(net, tokenizer, model, config, path, device, classifier=task == "classify")
 
 
 def _features(module: nn.Module) -> tuple[int, int]:

@@ -290,25 +290,22 @@ def load(name: str | None, device: torch.device, *, classifier: bool | None = No
         model = loader.from_pretrained(path, config=config, dtype=weights, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
         raise NeurostoreError(f"cannot load model {path!r}: {_first_line(err)}") from None
+    return wrap(model, tokenizer, name, config, path, device, classifier)
+
+
+def wrap(model: nn.Module, tokenizer: Any, name: str | None, config: Any, path: str, device: torch.device, classifier: bool) -> LoadedModel:
+    """A loaded transformers model as a :class:`LoadedModel`: in eval mode without gradients, on
+    ``device``, its blocks found and (a classifier) its class names read from its config."""
     model.eval().requires_grad_(False).to(device)
     classes = None
     if classifier:
-        n = model.config.num_labels
         id2label = model.config.id2label or {}
-        classes = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+        classes = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(model.config.num_labels)]
     n_layers = _n_layers(config)
     return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        name=name or DEFAULT_NAME,
-        model_type=config.model_type,
-        n_layers=n_layers,
+        model=model, tokenizer=tokenizer, name=name or DEFAULT_NAME, model_type=config.model_type, n_layers=n_layers,
         hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or getattr(config, "dim", 0)),
-        device=device,
-        classes=classes,
-        blocks=_find_blocks(model, n_layers),
-        config=config,
-        path=path,
+        device=device, classes=classes, blocks=_find_blocks(model, n_layers), config=config, path=path,
     )
 
 
@@ -334,13 +331,7 @@ def load_causal_lm(name: str | None, device: torch.device, dtype: torch.dtype | 
     untied = not getattr(model.config, "tie_word_embeddings", False)
     if head_required and untied and any("lm_head" in k for k in info.get("missing_keys", ())):
         raise NeurostoreError(f"{head_required}: model {path!r} has no language-model head in its weights; give a causal LM checkpoint")
-    model.eval().requires_grad_(False).to(device)
-    n_layers = _n_layers(config)
-    return LoadedModel(
-        model=model, tokenizer=tokenizer, name=name or DEFAULT_NAME, model_type=config.model_type, n_layers=n_layers,
-        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0), device=device, classes=None,
-        blocks=_find_blocks(model, n_layers), config=config, path=path,
-    )
+    return wrap(model, tokenizer, name, config, path, device, classifier=False)
 
 
 def _first_line(err: BaseException) -> str:
