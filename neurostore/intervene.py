@@ -539,35 +539,51 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Baseline, intervened and control runs on ``data``; the JSON-able result of ``intervene``."""
+
+    def run(s: Intervention | None) -> tuple[dict, np.ndarray]:
+        logits = predict(loaded, data, dtype, s, module_pattern=module_pattern)
+        return metrics(data.gold, logits, data.classes, langs=data.langs, target=target), logits
+
+    def effect_of(base: dict, base_logits: np.ndarray, after: dict, logits: np.ndarray) -> dict:
+        return effect(base, after, base_logits, logits, target)
+
+    baseline, intervened, results = _runs(spec, run, effect_of, controls=controls, seed=seed, width=width, progress=progress)
+    return {
+        **_described(loaded, "label-words" if data.label_ids is not None else "classifier", spec, target, data, seed),
+        "baseline": baseline,
+        "intervened": intervened,
+        "controls": results,
+        "controls_summary": summarise_controls(results),
+    }
+
+
+def _runs(
+    spec: Intervention, run: Callable[[Intervention | None], tuple[dict, Any]], effect_of: Callable[[dict, Any, dict, Any], dict], *,
+    controls: int, seed: int, width: int | None, progress: Callable[[str], None] | None,
+) -> tuple[dict, dict, list[dict]]:
+    """The baseline, the intervention and its random controls (same count per layer), each scored
+    by ``run`` (its metrics and what ``effect_of`` needs besides them) and compared to the baseline."""
     say = progress or (lambda _msg: None)
     if controls and width is None:
         raise ValueError("controls need the site width")
-
-    def run(s: Intervention | None) -> np.ndarray:
-        return predict(loaded, data, dtype, s, module_pattern=module_pattern)
-
-    def scored(logits: np.ndarray) -> dict:
-        return metrics(data.gold, logits, data.classes, langs=data.langs, target=target)
-
     say("baseline")
-    base_logits = run(None)
-    baseline = scored(base_logits)
+    baseline, base_raw = run(None)
     say(f"intervened ({spec.neurons.n} neurons)")
-    logits = run(spec)
-    intervened = scored(logits) | {"effect": effect(baseline, scored(logits), base_logits, logits, target)}
+    after, raw = run(spec)
+    intervened = after | {"effect": effect_of(baseline, base_raw, after, raw)}
     results = []
     for i, control in enumerate(random_controls(spec.neurons, width or 0, controls, seed)):
         say(f"control {i + 1}/{controls}")
-        c_logits = run(spec.with_neurons(control))
-        c = scored(c_logits)
-        results.append(
-            c
-            | {"effect": effect(baseline, c, base_logits, c_logits, target)}
-            | {"neurons": {str(k): v for k, v in control.layers.items()}}
-        )
+        c, c_raw = run(spec.with_neurons(control))
+        results.append(c | {"effect": effect_of(baseline, base_raw, c, c_raw)} | {"neurons": {str(k): v for k, v in control.layers.items()}})
+    return baseline, intervened, results
+
+
+def _described(loaded: M.LoadedModel, task: str, spec: Intervention, target: str | None, data: Any, seed: int) -> dict:
+    """What a result says of the run before its numbers: model, task, intervention, data, seed."""
     return {
         "model": loaded.name,
-        "task": "label-words" if data.label_ids is not None else "classifier",
+        "task": task,
         "mode": spec.mode,
         "alpha": spec.alpha if spec.mode == "gain" else None,
         "positions": spec.positions,
@@ -576,10 +592,6 @@ def evaluate(
         "n_truncated": data.n_truncated,
         "seed": seed,
         "neurons": spec.neurons.describe() | {"layers": {str(k): v for k, v in spec.neurons.layers.items()}},
-        "baseline": baseline,
-        "intervened": intervened,
-        "controls": results,
-        "controls_summary": summarise_controls(results),
     }
 
 
@@ -748,36 +760,17 @@ def evaluate_lm(
 ) -> dict:
     """Baseline, intervened and control runs of a causal LM on ``data``: the JSON-able result of
     ``intervene`` on a decoder (``"task": "lm"``)."""
-    say = progress or (lambda _msg: None)
-    if controls and width is None:
-        raise ValueError("controls need the site width")
 
-    def scored(s: Intervention | None) -> dict:
+    def run(s: Intervention | None) -> tuple[dict, None]:
         sums, counts = token_losses(loaded, data, dtype, s, module_pattern=module_pattern)
-        return lm_metrics(sums, counts, data.langs, data.labels)
+        return lm_metrics(sums, counts, data.langs, data.labels), None
 
-    say("baseline")
-    baseline = scored(None)
-    say(f"intervened ({spec.neurons.n} neurons)")
-    after = scored(spec)
-    intervened = after | {"effect": lm_effect(baseline, after, target)}
-    results = []
-    for i, control in enumerate(random_controls(spec.neurons, width or 0, controls, seed)):
-        say(f"control {i + 1}/{controls}")
-        c = scored(spec.with_neurons(control))
-        results.append(c | {"effect": lm_effect(baseline, c, target)} | {"neurons": {str(k): v for k, v in control.layers.items()}})
+    baseline, intervened, results = _runs(spec, run, lambda base, _, after, __: lm_effect(base, after, target),
+                                          controls=controls, seed=seed, width=width, progress=progress)
+    described = _described(loaded, "lm", spec, target, data, seed)
+    described["n_unscored"] = int(sum(len(x) < 2 for x in data.ids))
     return {
-        "model": loaded.name,
-        "task": "lm",
-        "mode": spec.mode,
-        "alpha": spec.alpha if spec.mode == "gain" else None,
-        "positions": spec.positions,
-        "target": target,
-        "n_sentences": len(data.ids),
-        "n_truncated": data.n_truncated,
-        "n_unscored": int(sum(len(x) < 2 for x in data.ids)),
-        "seed": seed,
-        "neurons": spec.neurons.describe() | {"layers": {str(k): v for k, v in spec.neurons.layers.items()}},
+        **described,
         "baseline": baseline,
         "intervened": intervened,
         "controls": results,
