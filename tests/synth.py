@@ -162,3 +162,20 @@ def make_store(
     docs = n_docs if commit_docs is None else commit_docs
     st.commit(group, st.read_meta(group), docs, int(n_tok[:docs].sum()), complete=complete and docs == n_docs)
     return synth
+
+
+def close_results(a, b, path: str = "") -> None:
+    """Equal JSON results (a query's ``to_json()``), numbers to 1e-6 relative, provenance aside (it names the paths)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            if key != "provenance":
+                close_results(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)) and any(isinstance(x, (list, tuple, dict, str)) for x in list(a) + list(b)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            close_results(x, y, f"{path}[{i}]")
+    elif isinstance(a, str) or a is None or isinstance(a, bool):
+        assert a == b, path
+    else:
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=path)

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import neurostore
 import tiny
+from synth import close_results
 from cli.main import app
 from neurostore import query as q
 from neurostore.errors import NeurostoreError
@@ -43,23 +44,6 @@ def members(tiny_models, tmp_path_factory) -> dict[str, str]:
             extract([str(path)], out[f"{name}-{mode}"], model=str(tiny_models["bert"]),
                     options=ExtractOptions(**COMMON, stats_only=mode == "stats"))
     return out
-
-
-def _close(a, b, path: str = "") -> None:
-    """Equal JSON results, numbers to 1e-6 relative (provenance aside: it names the paths)."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for key in a:
-            if key != "provenance":
-                _close(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)) and any(isinstance(x, (list, tuple, dict, str)) for x in list(a) + list(b)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, str) or a is None or isinstance(a, bool):
-        assert a == b, path
-    else:
-        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=path)
 
 
 def test_categories_merged_and_codes_remapped(members):
@@ -128,7 +112,7 @@ def test_stats_only_collection_equals_full_collection(members, call):
     stats = neurostore.open([members["a-stats"], members["b-stats"]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _close(call(full, cache=False).to_json(), call(stats).to_json())
+        close_results(call(full, cache=False).to_json(), call(stats).to_json())
 
 
 def test_stats_only_collection_top_examples(members):
@@ -149,9 +133,9 @@ def test_cache_is_valid_for_the_collection(members, tmp_path):
     both = q.stats(neurostore.open([a, b]), "mlp", by="label").to_json()
     assert alone["groups"] != both["groups"] or alone["langs"] != both["langs"]
     # each read back from the cache (the entries coexist in a's cache) equals its first answer
-    _close(q.stats(neurostore.open(a), "mlp", by="label").to_json(), alone)
-    _close(q.stats(neurostore.open([a, b]), "mlp", by="label").to_json(), both)
-    _close(q.stats(neurostore.open([a, b]), "mlp", by="label", cache=False).to_json(), both)
+    close_results(q.stats(neurostore.open(a), "mlp", by="label").to_json(), alone)
+    close_results(q.stats(neurostore.open([a, b]), "mlp", by="label").to_json(), both)
+    close_results(q.stats(neurostore.open([a, b]), "mlp", by="label", cache=False).to_json(), both)
     assert len([k for k in zarr.open_group(a, mode="r", use_consolidated=False)["cache"].group_keys()]) >= 2
 
 

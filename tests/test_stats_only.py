@@ -17,6 +17,7 @@ import zarr
 
 import neurostore
 import tiny
+from synth import close_results
 from neurostore import live
 from neurostore import query as q
 from neurostore import sketch as sk
@@ -109,23 +110,6 @@ def pair(tiny_models, tmp_path_factory) -> tuple[neurostore.Store, neurostore.St
     return neurostore.open(str(folder / "full.zarr")), neurostore.open(str(folder / "stats.zarr"))
 
 
-def _close(a, b, path: str = "") -> None:
-    """Equal JSON results, numbers to 1e-6 relative."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for key in a:
-            if key != "provenance":
-                _close(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)) and any(isinstance(x, (list, tuple, dict, str)) for x in list(a) + list(b)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, str) or a is None or isinstance(a, bool):
-        assert a == b, path
-    else:
-        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=path)
-
-
 @pytest.mark.parametrize("call", [
     lambda s, **c: q.variance(s, "mlp", by="label", **c),
     lambda s, **c: q.variance(s, "resid", 1, by="label", per="lang", **c),
@@ -148,7 +132,7 @@ def test_stats_only_answers_equal_full_store(pair, call):
     full, stats = pair
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same left-out warnings in both
-        _close(call(full, cache=False).to_json(), call(stats).to_json())
+        close_results(call(full, cache=False).to_json(), call(stats).to_json())
 
 
 @pytest.mark.parametrize("options", [
@@ -231,8 +215,8 @@ def test_parts_merge_exactly(pair, tiny_models, tmp_path):
         full_parts.append(str(tmp_path / f"f{i}.zarr"))
         extract([str(tiny.DATA)], full_parts[-1], model=str(tiny_models["bert"]), options=ExtractOptions(**COMMON, part=(i, 2)))
     whole = neurostore.open(full_parts)
-    _close(q.lape(whole, "mlp", cache=False).to_json(), q.lape(parts, "mlp").to_json())
-    _close(q.variance(whole, "resid", rows="tokens", cache=False).to_json(), q.variance(parts, "resid", rows="tokens").to_json())
+    close_results(q.lape(whole, "mlp", cache=False).to_json(), q.lape(parts, "mlp").to_json())
+    close_results(q.variance(whole, "resid", rows="tokens", cache=False).to_json(), q.variance(parts, "resid", rows="tokens").to_json())
     a, b = q.top_examples(whole, "resid", None, 5, k=10), q.top_examples(parts, "resid", None, 5, k=10)
     assert [(e.row, e.value) for e in a] == [(e.row, e.value) for e in b]
     assert full.n_tokens == parts.n_tokens
