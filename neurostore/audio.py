@@ -260,6 +260,14 @@ def rows(loaded, corpus, max_length: int, storage_options: dict | None = None):
     spec.refs, spec.storage_options, spec.seconds = list(corpus.audio), storage_options, 0.0
     samples = [resampled_length(n, r, spec.rate) for n, r in zip(corpus.audio_frames, corpus.audio_rates)]
     counts = [audio_rows(loaded, n) for n in samples]
+    empty = [i for i, c in enumerate(counts) if c < 1]
+    if empty:  # a clip too short for one frame or audio token would be a sentence with no rows (or pooled zeros)
+        i = empty[0]
+        raise NeurostoreError(
+            f"utterance {i} ({corpus.audio[i]}): {samples[i] / spec.rate * 1000:.0f} ms of audio gives {loaded.model_type} no "
+            f"{'audio token' if spec.family == 'lalm' else 'frame'}" + (f" ({len(empty)} such clips)" if len(empty) > 1 else "")
+            + "; drop it from the corpus"
+        )
     if spec.family != "lalm":
         cut = np.array([_cut(loaded, n) for n in samples], dtype=bool)
         ids = [[NO_TOKEN] * c for c in counts]

@@ -324,3 +324,17 @@ def test_remote_code_refused(tmp_path):
     res = runner.invoke(app, ["extract", str(SPEECH), "--model", str(folder), "--out", str(tmp_path / "x.zarr"), "--device", "cpu", "--quiet"])
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and "--trust-remote-code" in lines[0], res.stderr
+
+
+def test_clip_too_short_for_one_row_is_refused(audio_models, tmp_path):
+    """A clip that gives the model no frame (wav2vec2: under 400 samples) or no audio token is one
+    line naming it, not a sentence without rows."""
+    sf.write(tmp_path / "tick.wav", sine(16000, 0.01), 16000)  # 160 samples
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"audio": "tick.wav", "label": "joy", "lang": "en"}) + "\n")
+    for family in ("wav2vec2", "qwen2_audio"):
+        res = runner.invoke(app, ["extract", str(corpus), "--model", str(audio_models[family]), "--out", str(tmp_path / f"{family}.zarr"),
+                                  "--device", "cpu", "--quiet"])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and "tick.wav): 10 ms of audio gives" in lines[0] and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / f"{family}.zarr").exists()
