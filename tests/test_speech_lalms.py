@@ -67,10 +67,12 @@ def reference(loaded, wave: np.ndarray, prompt: str | None) -> dict:
     handles = [b.mlp.gate_proj.register_forward_hook(lambda _m, _i, o: captured.append(act(o))) for b in loaded.blocks]
     text = f"{getattr(proc, 'audio_bos_token', '')}{proc.audio_token}{getattr(proc, 'audio_eos_token', '')}{prompt or ''}"
     enc = processor_inputs(loaded, wave, text)
-    tower, towered = loaded.audio.tower, []
-    if tower is not None:  # the encoder's own output_hidden_states inside the model's forward (audio.resid)
+    tower, towered, fc1 = loaded.audio.tower, [], []
+    if tower is not None:  # the encoder's own output_hidden_states inside the model's forward (audio.resid), fc1 + activation (audio.mlp)
         plain = tower.forward
         tower.forward = lambda *a, **k: towered.append(plain(*a, **{**k, "output_hidden_states": True})) or towered[-1]
+        enc_act = A.ACT2FN[loaded.config.audio_config.activation_function]
+        handles += [b.fc1.register_forward_hook(lambda _m, _i, o: fc1.append(enc_act(o))) for b in tower.layers]
     try:
         with torch.inference_mode():
             out = loaded.model(**enc, output_hidden_states=True)
@@ -91,10 +93,17 @@ def reference(loaded, wave: np.ndarray, prompt: str | None) -> dict:
             first = get_pool_indices(mel)
             pairs = [(h[first] + h[first + 1]) / 2 for h in hs]
             ref["audio.resid"] = torch.stack(pairs[:-1] + [tower.ln_post(pairs[-1])], dim=1).numpy()
+            ref["audio.mlp"] = torch.stack([(h[first] + h[first + 1]) / 2 for h in fc1], dim=1).numpy()
             assert len(hs) == len(tower.layers) + 1 and ref["audio.resid"].shape[0] == valid.sum()
         else:
-            layers = [torch.nn.functional.avg_pool1d(h.transpose(1, 2), 2, 2).transpose(1, 2) for h in hs[:-1]] + [hs[-1]]
-            ref["audio.resid"] = torch.stack([torch.cat([h[w, :n] for w, n in enumerate(valid.tolist())]) for h in layers], dim=1).numpy()
+            def tokens(h):
+                return torch.cat([h[w, :n] for w, n in enumerate(valid.tolist())])
+
+            def pool(h):
+                return torch.nn.functional.avg_pool1d(h.transpose(1, 2), 2, 2).transpose(1, 2)
+
+            ref["audio.resid"] = torch.stack([tokens(pool(h)) for h in hs[:-1]] + [tokens(hs[-1])], dim=1).numpy()
+            ref["audio.mlp"] = torch.stack([tokens(pool(h)) for h in fc1], dim=1).numpy()
     return ref
 
 
@@ -105,7 +114,8 @@ def test_stored_rows_match_model(family, lalms, tmp_path):
 
     corpus = with_long(subset(tmp_path / "c.jsonl", every=6, prompt=True), tmp_path)
     out = tmp_path / "s.zarr"
-    opts = ExtractOptions(sites=["resid", "mlp", "audio.resid"], pool=["mean"], store_dtype="float32", max_batch_tokens=400, device="cpu")
+    opts = ExtractOptions(sites=["resid", "mlp", "audio.resid", "audio.mlp"], pool=["mean"], store_dtype="float32", max_batch_tokens=400,
+                          device="cpu")
     result = extract([str(corpus)], str(out), model=str(lalms[family]), options=opts)
     assert result.meta["complete"] and result.truncated == (family != "audioflamingo3")  # the long one: past a 4 s window
     s = neurostore.open(str(out))
@@ -126,9 +136,10 @@ def test_stored_rows_match_model(family, lalms, tmp_path):
         scale = np.abs(ref["resid"]).max()
         assert np.abs(resid[span] - ref["resid"]).max() < 1e-4 * scale, f"resid of utterance {i}"
         assert np.abs(mlp[span] - ref["mlp"]).max() < 1e-4 * np.abs(ref["mlp"]).max(), f"mlp of utterance {i}"
-        got = np.asarray(s.acts("audio.resid"))[span]  # the audio encoder's layers on the audio rows
-        assert np.abs(got[kinds[span] == 2] - ref["audio.resid"]).max() < 1e-4 * np.abs(ref["audio.resid"]).max(), f"audio.resid {i}"
-        assert not got[kinds[span] != 2].any()
+        for site in ("audio.resid", "audio.mlp"):  # the audio encoder's layers on the audio rows
+            got = np.asarray(s.acts(site))[span]
+            assert np.abs(got[kinds[span] == 2] - ref[site]).max() < 1e-4 * np.abs(ref[site]).max(), f"{site} {i}"
+            assert not got[kinds[span] != 2].any()
     if family == "audioflamingo3":  # the long one: three windows (4 + 4 + 1.3 s: 100 + 100 + 32 tokens)
         assert ref["enc"]["input_features"].shape[0] == 3 and int((ref["ids"] == token_id).sum()) == 232
 
