@@ -480,7 +480,9 @@ def _to_lm_rows(loaded, h: torch.Tensor, pooled: bool, inputs: dict) -> torch.Te
     spec = loaded.audio
     ids = inputs["ids"]
     if h.dim() == 2:  # Qwen2.5-Omni: the utterances' frames concatenated; already the tokens when pooled
-        tokens = h if pooled else _pairs_flat(h, inputs["audio"][LALM_MASK[loaded.model_type]].sum(-1))
+        if "pairs" not in inputs:  # the batch's pair indices, computed once (a host sync) for all its layers
+            inputs["pairs"] = _pair_starts(inputs["audio"][LALM_MASK[loaded.model_type]].sum(-1)).to(h.device)
+        tokens = h if pooled else (h[inputs["pairs"]] + h[inputs["pairs"] + 1]) / 2
     else:
         if not pooled:
             h = spec.tower.avg_pooler(h.transpose(1, 2)).transpose(1, 2)
@@ -491,10 +493,10 @@ def _to_lm_rows(loaded, h: torch.Tensor, pooled: bool, inputs: dict) -> torch.Te
     return out
 
 
-def _pairs_flat(h: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
-    """Mean of frame pairs (2k, 2k+1) within each utterance of a flat ``[frames, width]`` tensor whose
-    utterances have ``(mel - 1) // 2 + 1`` frames each: ``(frames - 2) // 2 + 1`` tokens apiece, in order."""
+def _pair_starts(mel: torch.Tensor) -> torch.Tensor:
+    """The first frame of each pair (2k, 2k+1) within each utterance of a flat ``[frames, width]``
+    tensor whose utterances have ``(mel - 1) // 2 + 1`` frames each: ``(frames - 2) // 2 + 1`` tokens
+    apiece, in order."""
     frames = ((mel - 1) // 2 + 1).tolist()
     starts = np.concatenate(([0], np.cumsum(frames)[:-1]))
-    first = torch.from_numpy(np.concatenate([s + 2 * np.arange((c - 2) // 2 + 1) for s, c in zip(starts, frames)])).to(h.device)
-    return (h[first] + h[first + 1]) / 2
+    return torch.from_numpy(np.concatenate([s + 2 * np.arange((c - 2) // 2 + 1) for s, c in zip(starts, frames)]))
