@@ -7,6 +7,7 @@ Tokenizers are trained here with the ``tokenizers`` library, so nothing is downl
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,17 +28,26 @@ def sample_subset(path: Path, every: int = 4) -> Path:
     return path
 
 
-def _tokenizer(family: str, vocab_size: int = 300):
+def _tokenizer(family: str, vocab_size: int | None = None):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
     from transformers import PreTrainedTokenizerFast
 
     texts = sample_texts()
+    trained_size = vocab_size or 300  # the BPE trainers (deterministic) for the other families
     if family in ("bert", "distilbert"):
+        # The vocabulary is built here, not by WordPieceTrainer: its ties fall differently from run to
+        # run, and a tokenizer that changes between sessions makes every test on it a different test.
+        # Specials, every character alone and as a continuation, then the most frequent words (800 in
+        # all: about as many tokens a sentence as the trained vocabulary of 300 gave).
+        vocab_size = vocab_size or 800
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+        chars = sorted({c for w in words for c in w})
+        vocab = specials + chars + ["##" + c for c in chars]
+        vocab += [w for w, _ in sorted(words.items(), key=lambda x: (-x[1], x[0])) if len(w) > 1][: max(0, vocab_size - len(vocab))]
+        tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -50,7 +60,7 @@ def _tokenizer(family: str, vocab_size: int = 300):
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=trained_size, special_tokens=specials))
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
         )
@@ -64,7 +74,7 @@ def _tokenizer(family: str, vocab_size: int = 300):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        texts, trainers.BpeTrainer(vocab_size=trained_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     )
     if family == "gpt2":
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
