@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="Scratch folder (default: a temporary folder).")
     p.add_argument("--results", default=str(common.RESULTS), help="Folder for the results JSON.")
     a = p.parse_args(argv)
+    with common.scratch(a.work, "ns-audio-") as work:
+        return _measure(a, work, argv)
+
+
+def _measure(a: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
     import numpy as np
     import torch
 
@@ -100,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     from neurostore.extract import ExtractOptions, extract
 
     repeats = a.repeats or (1 if a.quick else 2)
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="neurostore-audiobench-"))
-    work.mkdir(parents=True, exist_ok=True)
     lalm = a.model == "qwen2-audio"
     maker = build_lalm if lalm else build
     loaded = models.load(str(maker(work / (a.model + ("-quick" if a.quick else "")), a.quick)), torch.device("cpu"))
@@ -172,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     name = "audio" + ("-lalm" if lalm else "") + ("-quick" if a.quick else "")
     path = common.save_results(payload, name, Path(a.results))
     print(f"results: {path}")
-    if not a.work:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
