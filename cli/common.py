@@ -200,8 +200,10 @@ def run_extract(
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     skipped = meta["corpus"].get("skipped", 0)
+    from neurostore.audio import UNBOUNDED
+
     limit = meta["options"]["max_length"]
-    cut = f"{result.truncated:,} truncated at {limit} tokens" if limit < (1 << 30) else "no length limit: a speech encoder's frames"
+    cut = f"{result.truncated:,} truncated at {limit} tokens" if limit < UNBOUNDED else "no length limit: a speech encoder's frames"
     console.print(
         f"[green]done[/]: {result.docs:,} sentences, {result.tokens:,} tokens"
         f" ({cut}"

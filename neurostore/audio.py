@@ -34,6 +34,7 @@ LALM_CLASS = {"qwen2_audio": "Qwen2AudioForConditionalGeneration", "audioflaming
 LALM_MASK = {"qwen2_audio": "feature_attention_mask", "audioflamingo3": "input_features_mask", "qwen2_5_omni_thinker": "feature_attention_mask"}
 AUDIO_TYPES = ENCODERS + LALMS
 NO_TOKEN = -1  # tokens/token_id of a speech encoder's frames: no vocabulary behind them
+UNBOUNDED = 1 << 30  # max_rows of a speech encoder: any number of frames (read it as "no length limit")
 
 
 def _soundfile():
@@ -201,7 +202,7 @@ def max_rows(loaded) -> int:
         return int(loaded.config.text_config.max_position_embeddings)
     if spec.family == "whisper":
         return int(loaded.config.max_source_positions)
-    return 1 << 30
+    return UNBOUNDED
 
 
 def _mel_frames(spec: AudioModel, samples: int) -> int:
