@@ -75,9 +75,7 @@ def _damaged_entry(store: st.Store, key: str, err: BaseException) -> None:
 
 
 def _open_writable(path: str, storage_options: dict | None = None) -> Any:
-    import zarr
-
-    return zarr.open_group(path, mode="r+", use_consolidated=False, storage_options=storage_options)
+    return st.open_group(path, "r+", storage_options)
 
 
 def write(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
@@ -88,9 +86,9 @@ def write(store: st.Store, sel: Selection, mom: GroupMoments) -> bool:
     shared storage) is skipped silently; any other failure (a full disk, an I/O error) is one
     warning: the result is the same without the cache."""
     try:
-        root = _open_writable(store.paths[0], store.storage_options if "://" in store.paths[0] else None)
+        root = _open_writable(store.paths[0], store.storage_options)
         cache = _cache_group(root)
-        folder = _local_folder(root, "cache")
+        folder = st.local_folder(root, "cache")
         for i, layer in enumerate(mom.layers):
             key, slice_ = cache_key(store, sel, layer)
             _drop_stale(cache, folder, key, slice_)
@@ -119,16 +117,11 @@ def _cache_group(root: Any) -> Any:
     try:
         return root.require_group("cache")
     except (ValueError, TypeError):
-        folder = _local_folder(root, "cache")
+        folder = st.local_folder(root, "cache")
         if folder is None:
             raise
         shutil.rmtree(folder)
         return root.require_group("cache")
-
-
-def _local_folder(root: Any, name: str) -> str | None:
-    base = getattr(root.store, "root", None)
-    return None if base is None else os.path.join(str(base), root.path, name) if root.path else os.path.join(str(base), name)
 
 
 def _drop_stale(cache: Any, folder: str | None, key: str, slice_: dict) -> None:

@@ -103,19 +103,12 @@ def drop_other_entries(group: zarr.Group, keep: str | None) -> None:
     for name in list(stats.group_keys()):
         if name == keep:
             continue
-        folder = _folder(group, f"stats/{name}")
+        folder = st.local_folder(group, f"stats/{name}")
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             del stats[name]
     st.consolidate(group)  # the consolidated metadata written at the commit still lists the dropped entries
-
-
-def _folder(group: Any, path: str) -> str | None:
-    import os
-
-    root = getattr(group.store, "root", None)
-    return None if root is None else os.path.join(str(root), group.path, path) if group.path else os.path.join(str(root), path)
 
 
 def read_entries(group: zarr.Group, meta: dict, site: str, rows: str, layers: list[int]) -> tuple[np.ndarray, list[dict]] | None:
@@ -213,10 +206,6 @@ def _cells(store: st.Store, part: int, cells: np.ndarray) -> np.ndarray:
     return cells
 
 
-def _stream(sel: Any) -> str:
-    return "tokens" if sel.rows == "tokens" else sel.rows
-
-
 def moments(store: st.Store, plan: Plan, quantiles: bool = False) -> mo.GroupMoments:
     """The plan's grouped statistics merged from the stored cells (no pass over activations)."""
     check(store, plan, quantiles=quantiles)
@@ -227,7 +216,7 @@ def moments(store: st.Store, plan: Plan, quantiles: bool = False) -> mo.GroupMom
         name = meta["stats"].get("entry")
         if name is None:
             continue
-        base = f"stats/{name}/{sel.site}/{_stream(sel)}"
+        base = f"stats/{name}/{sel.site}/{sel.rows}"
         targets = _targets(store, plan, _cells(store, i, _read(group, f"{base}/cells")))
         picked = np.flatnonzero(targets >= 0)
         if not len(picked):
@@ -264,7 +253,7 @@ def top_rows(store: st.Store, plan: Plan, neuron: int, k: int) -> list[tuple[int
         name = meta["stats"].get("entry")
         part_rows = meta["committed_tokens" if sel.rows == "tokens" else "committed_docs"]
         if name is not None:
-            base = f"stats/{name}/{sel.site}/{_stream(sel)}"
+            base = f"stats/{name}/{sel.site}/{sel.rows}"
             targets = _targets(store, plan, _cells(store, i, _read(group, f"{base}/cells")))
             picked = np.flatnonzero(targets >= 0)
             if len(picked):

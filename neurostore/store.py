@@ -273,6 +273,12 @@ def stat_dims(key: str, ndim: int, lead: tuple[str, ...]) -> tuple[str, ...]:
     return (names + tuple(f"{key}_dim{i}" for i in range(len(names), ndim)))[:ndim]
 
 
+def local_folder(group: zarr.Group, name: str) -> str | None:
+    """The folder of ``group``'s node ``name`` on a local store (to remove it whole); None elsewhere."""
+    base = getattr(group.store, "root", None)
+    return None if base is None else os.path.join(str(base), group.path, name) if group.path else os.path.join(str(base), name)
+
+
 def site_dims(site: str) -> tuple[str, str]:
     """The layer and neuron dimension names of a site's arrays: per site, so that ``resid`` and
     ``mlp`` (other widths, maybe other layers) never clash in one xarray Dataset."""
