@@ -361,8 +361,7 @@ def _extract(
         loaded = given
     else:
         compute = models.resolve_dtype(opts.dtype, device, models.read_config(model_path))
-        loaded = (relevance.load if explains else lambda p, d, dtype: models.load(p, d, dtype=dtype, trust_remote_code=options.trust_remote_code))(
-            model_path, device, dtype=compute)
+        loaded = (relevance.load if explains else models.load)(model_path, device, dtype=compute, trust_remote_code=options.trust_remote_code)
     opts.dtype = str(compute).removeprefix("torch.")
     explainer = None
     if loaded.audio is not None and (explains or part.audio is None):

@@ -310,7 +310,7 @@ def wrap(model: nn.Module, tokenizer: Any, name: str | None, config: Any, path: 
 
 
 def load_causal_lm(name: str | None, device: torch.device, dtype: torch.dtype | None = None, *, config: Any = None,
-                   head_required: str | None = None) -> LoadedModel:
+                   head_required: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """A causal LM *with* its language-model head, for inference (:func:`load` loads decoders bare,
     as extraction needs them); weights as :func:`load` keeps them (float32 unless a half dtype on
     CUDA). ``head_required``: the option to name when an untied checkpoint has no head weights (the
@@ -323,9 +323,10 @@ def load_causal_lm(name: str | None, device: torch.device, dtype: torch.dtype | 
     path = resolve(name)
     weights = dtype if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) else torch.float32
     try:
-        config = config if config is not None else AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=weights, output_loading_info=True)
+        config = config if config is not None else AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=weights, output_loading_info=True,
+                                                           trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad path
         raise NeurostoreError(f"cannot load model {path!r} as a causal LM: {_first_line(err)}") from None
     untied = not getattr(model.config, "tie_word_embeddings", False)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import models
+from . import store as st
 from .errors import NeurostoreError
 
 RULES = ("grad-x-act", "attnlrp")
@@ -45,7 +46,6 @@ QUANTITY_CHOICES = ("activation", "relevance", "both")
 # Model types whose modules attnlrp rewrites (their norms, activations, attention and MLP products).
 ATTNLRP_FAMILIES = ("bert", "roberta", "xlm-roberta", "gpt2", "llama", "qwen2")
 _DECODERS = {"gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2"}
-PREFIX = "relevance:"  # the key prefix of a site's relevance in a batch's values (writer.Batch keys)
 
 
 def quantities(value: str | None) -> list[str]:
@@ -112,7 +112,7 @@ def gold_classes(loaded: models.LoadedModel, names: list[str], codes: np.ndarray
     return np.asarray(lookup, dtype=np.int64)[codes] if len(codes) else np.zeros(0, np.int64)
 
 
-def load(name: str | None, device: torch.device, dtype: torch.dtype) -> models.LoadedModel:
+def load(name: str | None, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> models.LoadedModel:
     """The model with the head relevance explains: a causal LM with its LM head, else :func:`models.load`.
 
     A decoder checkpoint saved without a head (``GPT2Model``) loads with its tied input embeddings
@@ -120,8 +120,8 @@ def load(name: str | None, device: torch.device, dtype: torch.dtype) -> models.L
     """
     config = models.read_config(name)
     if config is None or not is_causal_lm(config):
-        return models.load(name, device, dtype=dtype)
-    return models.load_causal_lm(name, device, dtype, config=config, head_required="--quantity relevance")
+        return models.load(name, device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return models.load_causal_lm(name, device, dtype, config=config, head_required="--quantity relevance", trust_remote_code=trust_remote_code)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def forward_backward(
             for t in layers:
                 g = next(it)
                 rel.append(torch.zeros_like(t, dtype=torch.float32) if g is None else t.detach().float() * g.float())
-            result[PREFIX + name] = rel
+            result[st.stream(name, "relevance")] = rel
     out.logits = out.logits.detach()
     return out, result
 
