@@ -517,7 +517,7 @@ def _extract(
         reducer = live.Reducer(group, meta, token_start=token_start, kind=kinds, cells=cells, device=device, host=device.type != "cuda",
                                commit_seconds=opts.commit_seconds, kill_at=kill_at, on_batch=on_batch)
         try:
-            stages = _run(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, first_window, reducer)
+            stages = _run_reduced(loaded, sites, opts, device, compute, ids, n_tokens, token_start, todo, plans, reducer)
         finally:
             reducer.close()
         result.meta = reducer.meta
@@ -615,18 +615,12 @@ def _run(
     windows: list[tuple[int, int]],
     plans: list[list[np.ndarray]],
     first_index: int,
-    writer: Writer | live.Reducer,
+    writer: Writer,
     explainer: relevance.Explainer | None = None,
 ) -> dict:
-    """The forward loop. Returns seconds per stage (host side) and the ring's occupancy.
-
-    With a :class:`live.Reducer` in place of the writer (``--stats-only``) each batch is gathered
-    and cast exactly as for a full store, then reduced where it is (on the device) instead of being
-    copied out; there is no ring and no copy."""
+    """The forward loop. Returns seconds per stage (host side) and the ring's occupancy."""
     store_torch = STORE_TORCH[opts.store_dtype]
     api = transfer.cuda_api(device)
-    if isinstance(writer, live.Reducer):
-        return _run_reduced(loaded, sites, opts, device, compute, ids, n_tokens, token_start, windows, plans, writer, api)
     batches = [b for plan in plans for b in plan]
     max_real = max(int(n_tokens[b].sum()) for b in batches)
     max_docs = max(len(b) for b in batches)
@@ -652,9 +646,7 @@ def _run(
                 timers["prepare"] += clock() - t
                 slot = ring.acquire(writer.alive)
                 t = clock()
-                inputs = _inputs(padded, slot, device, api)
-                if loaded.audio is not None:
-                    inputs["audio"] = audio_inputs(loaded, docs, device)
+                inputs = _batch_inputs(loaded, padded, docs, slot, device, api)
                 timers["prepare"] += clock() - t
                 t = clock()
                 if explainer is None:
@@ -668,8 +660,7 @@ def _run(
                 if loaded.classes is not None:
                     values["doc:logits"] = out.logits.float()
                 del out, layers_of  # the next forward must not find this batch's outputs still referenced
-                for name in captured:
-                    captured[name] = [None] * len(captured[name])
+                _forget(captured)
                 timers["gather"] += clock() - t
                 t = clock()
                 if copier is not None:
@@ -682,9 +673,7 @@ def _run(
                 timers["copy"] += clock() - t
                 writer.put(Batch(docs=np.asarray(docs), lengths=padded.lengths, padded_tokens=int(padded.ids.size), slot=slot, rows=rows, release=ring.release))
             writer.end_window(window)
-    stages = {**timers, "wait_slot": ring.waited, "ring": ring.occupancy()}
-    if loaded.audio is not None:
-        stages["decode"] = loaded.audio.seconds  # decode + resample + features, inside "prepare"
+    stages = {**timers, **_decode_stage(loaded), "wait_slot": ring.waited, "ring": ring.occupancy()}
     if copier is not None:
         stages["copy_device"] = copier.seconds()  # device time of the copies (CUDA events)
     return stages
@@ -693,11 +682,13 @@ def _run(
 def _run_reduced(
     loaded: models.LoadedModel, sites: dict[str, models.Site], opts: ExtractOptions, device: torch.device, compute: torch.dtype,
     ids: list[list[int]], n_tokens: np.ndarray, token_start: np.ndarray, windows: list[tuple[int, int]], plans: list[list[np.ndarray]],
-    reducer: live.Reducer, api: transfer.CudaApi | None,
+    reducer: live.Reducer,
 ) -> dict:
     """The forward loop of a stats-only extraction: the same batches, forward and gather (so the
-    values are those a full store would hold), reduced by ``reducer``, committed at window ends."""
+    values are those a full store would hold), reduced by ``reducer`` where they are (on the
+    device), committed at window ends; no ring and no copy."""
     store_torch = STORE_TORCH[opts.store_dtype]
+    api = transfer.cuda_api(device)
     hooked = {name: s.modules for name, s in sites.items() if s.modules}
     want_hidden = "resid" in sites
     total_tokens = int(n_tokens.sum())
@@ -708,9 +699,7 @@ def _run_reduced(
             for docs in plan:
                 t = clock()
                 padded = batching.pad_host([ids[i] for i in docs], loaded.pad_id)
-                inputs = _inputs(padded, None, device, api)
-                if loaded.audio is not None:
-                    inputs["audio"] = audio_inputs(loaded, docs, device)
+                inputs = _batch_inputs(loaded, padded, docs, None, device, api)
                 timers["prepare"] += clock() - t
                 t = clock()
                 out, layers_of = _forward(loaded, sites, inputs, device, compute, captured, want_hidden)
@@ -719,13 +708,35 @@ def _run_reduced(
                 with _one_thread(api is None):
                     values = gather(layers_of, inputs, opts.tokens, opts.pool, store_torch)
                 del out, layers_of
-                for name in captured:
-                    captured[name] = [None] * len(captured[name])
+                _forget(captured)
                 timers["gather"] += clock() - t
                 reducer.add(values, np.asarray(docs), padded.lengths, int(padded.ids.size))
                 del values
             reducer.end_window(d1, int(token_start[d1]) if d1 < len(n_tokens) else total_tokens)
-    return timers
+    return {**timers, **_decode_stage(loaded)}
+
+
+def _batch_inputs(loaded: models.LoadedModel, padded: batching.Padded, docs: np.ndarray, slot: transfer.Slot | None,
+                  device: torch.device, api: transfer.CudaApi | None) -> dict[str, Any]:
+    """The batch's inputs on the device: ids, mask and positions (:func:`_inputs`), and an audio
+    model's decoded, resampled and featurised audio (:mod:`neurostore.audio`)."""
+    inputs = _inputs(padded, slot, device, api)
+    if loaded.audio is not None:
+        from . import audio
+
+        inputs["audio"] = audio.features(loaded, docs, device)
+    return inputs
+
+
+def _forget(captured: dict[str, list]) -> None:
+    """Drop the hooks' references to this batch's outputs, so the next forward can reuse the memory."""
+    for name in captured:
+        captured[name] = [None] * len(captured[name])
+
+
+def _decode_stage(loaded: models.LoadedModel) -> dict[str, float]:
+    """An audio model's decode + resample + feature seconds (inside "prepare"), for the stage timers."""
+    return {"decode": loaded.audio.seconds} if loaded.audio is not None else {}
 
 
 def _forward(loaded: models.LoadedModel, sites: dict[str, models.Site], inputs: dict[str, torch.Tensor], device: torch.device,
@@ -741,13 +752,6 @@ def _forward(loaded: models.LoadedModel, sites: dict[str, models.Site], inputs: 
     with models.autocast(device, compute):
         out = loaded.model(input_ids=inputs["ids"], attention_mask=inputs["mask"], output_hidden_states=want_hidden)
     return out, {name: ([out.hidden_states[i] for i in site.layers] if name == "resid" else list(captured[name])) for name, site in sites.items()}
-
-
-def audio_inputs(loaded: models.LoadedModel, docs: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch's decoded, resampled and featurised audio (:mod:`neurostore.audio`)."""
-    from . import audio
-
-    return audio.features(loaded, docs, device)
 
 
 def _pooling_of(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -242,7 +242,8 @@ def test_audio_encoder_sites(audio_models, tmp_path):
     assert np.isnan(view.values[~keep]).all() and np.allclose(view.values[keep], acts["audio.resid"][keep])
     reduced = tmp_path / "stats.zarr"  # --stats-only: the same rows reduced live give the same answers
     opts.stats_only = True
-    extract([str(corpus)], str(reduced), model=str(audio_models["qwen2_audio"]), options=opts)
+    res = extract([str(corpus)], str(reduced), model=str(audio_models["qwen2_audio"]), options=opts)
+    assert res.stages["decode"] > 0  # the stats-only loop times the audio's decoding too
     live = q.group_means(neurostore.open(str(reduced)), "audio.resid", 2, by="label", rows="tokens", zscore=False)
     assert np.array_equal(live.count, stats.count) and np.allclose(live.M, stats.M, atol=1e-5, equal_nan=True)
     for rows_ in ("tokens", "mean"):
