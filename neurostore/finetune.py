@@ -377,19 +377,8 @@ class Data:
 
 
 def tokenise(loaded: M.LoadedModel, corpus: Corpus, max_length: int | None, task: str) -> Data:
-    limit = max_length or loaded.max_length()
-    if limit > loaded.max_length():
-        raise NeurostoreError(f"--max-length {limit}: the model accepts at most {loaded.max_length()} tokens")
-    ids, truncated = batching.tokenize(loaded.tokenizer, corpus.texts, limit)
-    gold = None
-    if task == "classify":
-        index = {name: i for i, name in enumerate(loaded.classes or [])}
-        unknown = sorted({label for label in corpus.labels if label not in index}, key=str)
-        if unknown:
-            raise NeurostoreError(
-                f"label {unknown[0]!r} is not a label of the model (model labels: {', '.join(loaded.classes or [])})"
-            )
-        gold = np.array([index[label] for label in corpus.labels], dtype=np.int64)
+    ids, truncated, _ = iv.tokenised(loaded, corpus, max_length)
+    gold = iv.class_indices(loaded, corpus.labels) if task == "classify" else None
     if task == "lm":
         short = sum(len(x) < 2 for x in ids)
         if short == len(ids):
@@ -415,9 +404,7 @@ def lm_scores(nll: np.ndarray, count: np.ndarray, langs: Sequence[str | None]) -
     """Mean next-token loss (nats per predicted token) and perplexity, overall and per language."""
 
     def one(sel: np.ndarray) -> dict:
-        n = int(count[sel].sum())
-        loss = float(nll[sel].sum() / n) if n else float("nan")
-        return {"n": int(sel.sum()), "tokens": n, "loss": loss, "perplexity": float(math.exp(loss)) if n else float("nan")}
+        return {"n": int(sel.sum()), **iv.loss_entry(nll[sel], count[sel])}
 
     lang_arr = np.array([lang if lang is not None else "" for lang in langs], dtype=object)
     names = sorted({lang for lang in langs if lang is not None})

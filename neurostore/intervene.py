@@ -293,24 +293,28 @@ def prepare(
             f"{missing} of {len(corpus)} sentences have no gold label; the evaluation corpus needs one per sentence "
             "(set the column with --label-col)"
         )
-    index = {name: i for i, name in enumerate(loaded.classes)}
-    unknown = sorted({label for label in corpus.labels if label not in index})
-    if unknown:
-        raise NeurostoreError(
-            f"gold label {unknown[0]!r} is not a label of the model (model labels: {', '.join(loaded.classes)})"
-        )
-    ids, truncated, lengths = _tokenised(loaded, corpus, max_length)
+    gold = class_indices(loaded, corpus.labels)
+    ids, truncated, lengths = tokenised(loaded, corpus, max_length)
     return EvalSet(
         ids=ids,
         batches=batching.plan_batches(lengths, max_batch_tokens or batching.default_batch_tokens(loaded.device)),
-        gold=np.array([index[label] for label in corpus.labels], dtype=np.int64),
+        gold=gold,
         langs=list(corpus.langs),
         classes=list(loaded.classes),
         n_truncated=int(truncated.sum()),
     )
 
 
-def _tokenised(loaded: M.LoadedModel, corpus: Any, max_length: int | None) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+def class_indices(loaded: M.LoadedModel, labels: Sequence[Any]) -> np.ndarray:
+    """Each gold label's class index in the classifier; a label the model does not have is one line."""
+    index = {name: i for i, name in enumerate(loaded.classes or [])}
+    unknown = sorted({label for label in labels if label not in index}, key=str)
+    if unknown:
+        raise NeurostoreError(f"gold label {unknown[0]!r} is not a label of the model (model labels: {', '.join(loaded.classes or [])})")
+    return np.array([index[label] for label in labels], dtype=np.int64)
+
+
+def tokenised(loaded: M.LoadedModel, corpus: Any, max_length: int | None) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """The corpus tokenised as extraction does (ids, truncated flags, lengths), ``--max-length`` checked."""
     limit = max_length or loaded.max_length()
     if limit > loaded.max_length():
@@ -640,7 +644,7 @@ def prepare_lm(
     loaded: M.LoadedModel, corpus: Corpus, *, max_length: int | None = None, max_batch_tokens: int | None = None
 ) -> LMEvalSet:
     """Tokenise and plan batches as extraction does; languages and labels are optional groups."""
-    ids, truncated, lengths = _tokenised(loaded, corpus, max_length)
+    ids, truncated, lengths = tokenised(loaded, corpus, max_length)
     return LMEvalSet(
         ids=ids,
         batches=batching.plan_batches(lengths, max_batch_tokens or lm_batch_tokens(loaded)),
@@ -682,7 +686,7 @@ def token_losses(
     return sums, counts
 
 
-def _loss_entry(sums: np.ndarray, counts: np.ndarray) -> dict:
+def loss_entry(sums: np.ndarray, counts: np.ndarray) -> dict:
     n = int(counts.sum())
     loss = float(sums.sum() / n) if n else float("nan")
     ppl = float("nan") if not n else (math.exp(loss) if loss < 700 else float("inf"))
@@ -692,12 +696,12 @@ def _loss_entry(sums: np.ndarray, counts: np.ndarray) -> dict:
 def lm_metrics(sums: np.ndarray, counts: np.ndarray, langs: Sequence[str | None], labels: Sequence[str | None]) -> dict:
     """Mean next-token loss (nats per predicted token, pooled over the group's tokens) and
     perplexity = exp(loss), overall and per language and label present."""
-    out: dict[str, Any] = _loss_entry(sums, counts)
+    out: dict[str, Any] = loss_entry(sums, counts)
     for key, column in (("per_lang", langs), ("per_label", labels)):
         names = sorted({g for g in column if g is not None})
         if names:
             arr = np.array([g if g is not None else "" for g in column], dtype=object)
-            out[key] = {g: _loss_entry(sums[arr == g], counts[arr == g]) for g in names}
+            out[key] = {g: loss_entry(sums[arr == g], counts[arr == g]) for g in names}
     return out
 
 
