@@ -80,7 +80,9 @@ def to_xarray(store: st.Store, dtype: str | None = "float32") -> "xr.Dataset":
         kinds = list(store.groups[0]["tokens/kind"].attrs.get("categories", st.TOKEN_KINDS))
         coords["token_kind"] = ("token", _named(store.token_column("kind").astype(np.int64), kinds))
     data: dict[str, Any] = {}
-    stats_only = any("stats_only" in (m.get("features") or []) for m in store.metas)
+    from .statsonly import is_stats_only
+
+    stats_only = is_stats_only(store)
     for site, spec in store.sites.items():
         layer_dim, neuron_dim = st.site_dims(site)
         coords[layer_dim] = np.asarray(spec["layers"])

@@ -51,7 +51,7 @@ from . import batching, query
 from . import models as M
 from .corpus import Corpus, read_corpus
 from .errors import NeurostoreError
-from .neurons import NeuronSet, check_neuron_set, load_neuron_set, random_controls
+from .neurons import NeuronSet, check_neuron_set, is_file, load_neuron_set, random_controls
 from .neurons import neuron_set_from_json  # noqa: F401 - tests read neuron sets through this module
 from .store import Store
 from .store import open as open_store
@@ -923,7 +923,7 @@ def run(
             "neuron is the mean of two encoder frames, no single activation to set"
         )
     site_info = M.resolve_sites(loaded, [neuron_set.site], None, module_pattern)[neuron_set.site]
-    source = neuron_source(neurons, neuron_set.site) if isinstance(neurons, (str, Path)) and _is_json_file(neurons) else None
+    source = neuron_source(neurons, neuron_set.site) if isinstance(neurons, (str, Path)) and is_file(neurons) else None
     check_source(source, str(neurons), loaded, neuron_set.site, site_info.width)
     check_neuron_set(neuron_set, site_info.layers, site_info.width)
     if speech:
@@ -952,13 +952,6 @@ def run(
     )
     result.update(extra)
     return result
-
-
-def _is_json_file(spec: str | Path) -> bool:
-    try:
-        return Path(spec).is_file()
-    except OSError:  # a long layer:neuron list is no path
-        return False
 
 
 def _check_target(target: str | None, data: LMEvalSet) -> None:

@@ -167,11 +167,11 @@ def neuron_set_from_json(obj: Any, group: str | None = None, source: str = "the 
     )
 
 
-def _is_file(path: Path) -> bool:
+def is_file(path: str | Path) -> bool:
     """``Path.is_file`` that is False, not an OSError, for a name too long to be a path (a long
     ``layer:neuron,...`` list)."""
     try:
-        return path.is_file()
+        return Path(path).is_file()
     except OSError:
         return False
 
@@ -179,7 +179,7 @@ def _is_file(path: Path) -> bool:
 def load_neuron_set(spec: str, *, site: str | None = None, group: str | None = None) -> NeuronSet:
     """``--neurons``: a query JSON file, or a ``layer:neuron,...`` list (which needs ``--site``)."""
     path = Path(spec)
-    if _is_file(path):
+    if is_file(path):
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

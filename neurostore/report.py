@@ -167,14 +167,14 @@ def build(
     shaded = not stats_only and ex_rows == "tokens"
     if stats_only:
         notes.append("stats-only store: no activations are stored, so each example shows its maximal token marked, without per-token shading")
-        if k > statsonly.settings(store)["k"]:
-            raise NeurostoreError(f"--k {k}: this stats-only store kept the top {statsonly.settings(store)['k']} rows per neuron; "
-                                  f"ask for at most {statsonly.settings(store)['k']}, or extract again with --stats-only --k {k}, or in full")
-        found = {(layer, n): _stats_only_top(store, ex_plan.with_layers([layer]), n, k) for layer in layers for n in neurons.layers[layer]}
+        kept_k = statsonly.check_k(store, k)
+        starts = store.doc_column("token_start").astype(np.int64) if ex_rows == "tokens" else None
+        found = {(layer, n): _stats_only_top(store, ex_plan.with_layers([layer]), n, k, kept_k, starts)
+                 for layer in layers for n in neurons.layers[layer]}
         short = sum(len(hits) < min(k, store.n_docs) for hits in found.values())
         if short:
             notes.append(f"stats-only store: {short} neuron(s) show fewer than {k} sentences, because the top "
-                         f"{statsonly.settings(store)['k']} rows it kept per neuron fall in fewer sentences (extract with a larger --k)")
+                         f"{kept_k} rows it kept per neuron fall in fewer sentences (extract with a larger --k)")
     elif ex_rows != "tokens":
         notes.append(f"the store has no token rows (--no-tokens): examples are {rows_words(ex_rows)}, without per-token shading")
         found = _top_docs(store, ex_plan, neurons, k, workers, progress)
@@ -325,19 +325,20 @@ def _top_docs(store: st.Store, plan: Any, neurons: NeuronSet, k: int, workers: i
     return out
 
 
-def _stats_only_top(store: st.Store, plan: Any, neuron: int, k: int) -> list[tuple[int, float, int]]:
+def _stats_only_top(store: st.Store, plan: Any, neuron: int, k: int, kept_k: int,
+                    starts: np.ndarray | None) -> list[tuple[int, float, int]]:
     """The kept top rows of a stats-only store as sentences (a sentence once, at its highest row).
 
     All the kept rows are read, not k: a sentence may hold several of the top rows. The top k
     sentences among them are exact when they number k or more (a sentence with no kept row has its
-    best row below every kept one); fewer, and the page says so."""
-    found = statsonly.top_rows(store, plan, neuron, statsonly.settings(store)["k"])
+    best row below every kept one); fewer, and the page says so. ``starts``: each sentence's first
+    token row (token rows), read once for all neurons."""
+    found = statsonly.top_rows(store, plan, neuron, kept_k)
     if not found:
         return []
     rows = np.array([r for r, _ in found], np.int64)
     vals = np.array([v for _, v in found])
     if plan.rows == "tokens":
-        starts = store.doc_column("token_start").astype(np.int64)
         docs = np.searchsorted(starts, rows, side="right") - 1
     else:
         docs = rows

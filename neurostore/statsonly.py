@@ -234,17 +234,23 @@ def moments(store: st.Store, plan: Plan, quantiles: bool = False) -> mo.GroupMom
     return out
 
 
-def top_rows(store: st.Store, plan: Plan, neuron: int, k: int) -> list[tuple[int, float]]:
-    """:func:`neurostore.moments.top_rows` from the kept top-k lists: the union of the selected
-    cells' lists holds the plan's top ``k`` (each list is ranked the same way), so it is exact for
-    any ``k`` up to the kept one."""
-    check(store, plan, what="top-examples")
+def check_k(store: st.Store, k: int) -> int:
+    """``k`` examples are at most the rows kept per neuron (returned); more is one line."""
     kept_k = settings(store)["k"]
     if k > kept_k:
         raise NeurostoreError(
             f"--k {k}: this stats-only store kept the top {kept_k} rows per neuron; ask for at most {kept_k}, "
             f"or extract again with --stats-only --k {k}, or in full (without --stats-only)"
         )
+    return kept_k
+
+
+def top_rows(store: st.Store, plan: Plan, neuron: int, k: int) -> list[tuple[int, float]]:
+    """:func:`neurostore.moments.top_rows` from the kept top-k lists: the union of the selected
+    cells' lists holds the plan's top ``k`` (each list is ranked the same way), so it is exact for
+    any ``k`` up to the kept one."""
+    check(store, plan, what="top-examples")
+    check_k(store, k)
     sel = plan.selection
     layer = sel.layers[0]
     values, rows = [], []
