@@ -41,10 +41,10 @@ def part_paths(out: str, n: int) -> list[str]:
     return [f"{out.rstrip('/')}/{part_name(i, n)}" for i in range(n)]
 
 
-def read_folder(path: str) -> list[str] | None:
+def read_folder(path: str, storage_options: dict | None = None) -> list[str] | None:
     """The part stores of a parts folder, or None where ``path`` is not one."""
     try:
-        group = st.open_group(path, mode="r")
+        group = st.open_group(path, mode="r", storage_options=storage_options)
     except Exception:  # noqa: BLE001 - not a zarr group at all: not a parts folder
         return None
     info = group.attrs.get(ATTR)

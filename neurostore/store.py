@@ -812,13 +812,13 @@ class Store:
         return np.where(codes >= 0, lookup[np.clip(codes, 0, None)], codes).astype(codes.dtype)
 
 
-def _expand_parts_folders(paths: list[str]) -> list[str]:
+def _expand_parts_folders(paths: list[str], storage_options: dict | None = None) -> list[str]:
     """A folder written by ``extract --parts N`` stands for its N part stores."""
     from .parts import read_folder
 
     out = []
     for path in paths:
-        parts = read_folder(path) if "://" in path or os.path.isdir(path) else None
+        parts = read_folder(path, storage_options) if "://" in path or os.path.isdir(path) else None
         if parts is not None:
             missing = [p for p in parts if "://" not in p and not os.path.exists(os.path.join(p, "zarr.json"))]
             if missing:
@@ -848,7 +848,7 @@ def open(paths: str | Sequence[str], storage_options: dict | None = None) -> Sto
         paths = [paths]
     if not paths:
         raise NeurostoreError("no store given")
-    paths = _expand_parts_folders([str(p) for p in paths])
+    paths = _expand_parts_folders([str(p) for p in paths], storage_options)
     loaded = []
     for path in paths:
         group = open_checked(str(path), storage_options)

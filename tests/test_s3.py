@@ -142,3 +142,21 @@ def test_storage_options_reach_every_reader(s3, tmp_path):
         xr.open_datatree(url, engine="zarr", storage_options=options, consolidated=consolidated)
         seconds[consolidated] = time.perf_counter() - t0
     print(f"open_datatree over S3 (moto on localhost): consolidated {seconds[True]:.2f} s, listed {seconds[False]:.2f} s")
+
+
+def test_parts_folder_on_s3_opens_with_the_storage_options(s3, tmp_path):
+    """A folder written by extract --parts, on a bucket that needs credentials, stands for its parts
+    (the folder's own attributes are read with the same storage options as the parts)."""
+    import s3fs
+    import synth
+
+    from neurostore import parts
+
+    options, _ = s3
+    folder = tmp_path / "pf"
+    parts._mark(str(folder), 2, "test")
+    for i, path in enumerate(parts.part_paths(str(folder), 2)):
+        synth.make_store(path, n_docs=10 + i, seed=i, fingerprint=f"corpus-{i}")
+    s3fs.S3FileSystem(**options).put(str(folder), "bucket/pf.zarr", recursive=True)
+    store = neurostore.open("s3://bucket/pf.zarr", storage_options=options)
+    assert store.n_docs == 21 and len(store.paths) == 2
